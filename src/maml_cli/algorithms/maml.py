@@ -1,0 +1,90 @@
+"""Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017).
+
+The inner loop is a pure function of a parameter dict: the support loss is
+differentiated with respect to the parameters and one dict comprehension takes a
+gradient step. The same :func:`adapt` runs at meta-training and at meta-test.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from maml_cli.tasks import Episode, Objective
+
+Params = dict[str, Tensor]
+Forward = Callable[[Params, Tensor], Tensor]
+
+
+def adapt(
+    forward: Forward,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    objective: Objective,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool = False,
+) -> Params:
+    """Take ``inner_steps`` steps of gradient descent on the support loss.
+
+    Args:
+        forward: ``forward(params, x)`` evaluates the network with ``params``.
+        params: the starting (meta-)parameters.
+        support_x, support_y: the support set.
+        objective: ``objective(predictions, targets) -> (loss, metrics)``.
+        inner_lr: step size of the inner loop.
+        inner_steps: number of steps; 0 returns ``params`` unchanged.
+        first_order: if true the inner gradients are treated as constants, so the
+            meta-gradient skips the second-order terms (first-order MAML).
+
+    Returns:
+        The adapted parameters, differentiable with respect to ``params``.
+    """
+    for _ in range(inner_steps):
+        support_loss, _ = objective(forward(params, support_x), support_y)
+        grads = torch.autograd.grad(support_loss, tuple(params.values()), create_graph=not first_order)
+        params = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
+    return params
+
+
+class MAML:
+    """MAML: meta-learn an initialisation from which a few gradient steps fit a task.
+
+    Args:
+        inner_lr: step size of the inner loop (alpha in the paper).
+        inner_steps: inner steps during meta-training.
+        test_inner_steps: inner steps at meta-validation and meta-test; metrics are
+            reported after each of 0, 1, ..., ``test_inner_steps`` steps.
+        first_order: drop the second-order terms of the meta-gradient (FOMAML).
+
+    Example:
+        >>> maml = MAML(inner_lr=0.4, inner_steps=1, test_inner_steps=3)
+        >>> loss, metrics = maml.meta_loss(forward, params, episode, classification_objective)
+        >>> loss.backward()  # meta-gradient lands on params
+    """
+
+    def __init__(self, inner_lr: float, inner_steps: int, test_inner_steps: int, first_order: bool = False) -> None:
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.test_inner_steps = test_inner_steps
+        self.first_order = first_order
+
+    def meta_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
+        """Adapt on the support set, then score the adapted parameters on the query set."""
+        adapted = adapt(forward, params, episode.support_x, episode.support_y, objective, self.inner_lr, self.inner_steps, self.first_order)
+        return objective(forward(adapted, episode.query_x), episode.query_y)
+
+    def evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[dict[str, Tensor]]:
+        """Query metrics after 0, 1, ..., ``test_inner_steps`` inner steps (no meta-gradient)."""
+        adapted = {name: p.detach().requires_grad_() for name, p in params.items()}
+        per_step = []
+        for step in range(self.test_inner_steps + 1):
+            if step > 0:
+                adapted = adapt(forward, adapted, episode.support_x, episode.support_y, objective, self.inner_lr, 1, first_order=True)
+                adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
+            with torch.no_grad():
+                _, metrics = objective(forward(adapted, episode.query_x), episode.query_y)
+            per_step.append(metrics)
+        return per_step

@@ -1,0 +1,156 @@
+"""Structured-config schemas: types and allowed keys of every config node.
+
+The YAML files under ``conf/`` hold the values; these dataclasses, registered in
+Hydra's ConfigStore, make a mistyped key or a wrong type fail at start-up with
+the key's name, before any data is loaded.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from maml_cli.models import BatchNormMode
+
+
+class Split(str, enum.Enum):
+    random = "random"
+    lake = "lake"
+    vinyals = "vinyals"
+
+
+@dataclass
+class MAMLConfig:
+    _target_: str = "maml_cli.algorithms.maml.MAML"
+    inner_lr: float = MISSING
+    inner_steps: int = MISSING
+    test_inner_steps: int = MISSING
+    first_order: bool = False
+
+
+@dataclass
+class OmniglotConfig:
+    _target_: str = "maml_cli.data.omniglot.OmniglotTasks"
+    root: str = MISSING
+    split: Split = Split.random
+    split_seed: int = 0
+    val_characters: int = 100
+    test_characters: int = 423
+    split_dir: Optional[str] = None
+    image_size: int = 28
+    download: bool = True
+    check_counts: bool = True
+
+
+@dataclass
+class SinusoidConfig:
+    _target_: str = "maml_cli.data.sinusoid.SinusoidTasks"
+    amplitude_min: float = 0.1
+    amplitude_max: float = 5.0
+    phase_min: float = 0.0
+    phase_max: float = math.pi
+    x_min: float = -5.0
+    x_max: float = 5.0
+
+
+@dataclass
+class Conv4Config:
+    _target_: str = "maml_cli.models.Conv4"
+    hidden: int = 64
+    batch_norm: BatchNormMode = BatchNormMode.batch
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "maml_cli.models.MLP"
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "torch.optim.Adam"
+    _partial_: bool = True
+    lr: float = MISSING
+
+
+@dataclass
+class Config:
+    """The top-level config; the keys a user types most are at the top level."""
+
+    algo: Any = MISSING
+    dataset: Any = MISSING
+    model: Any = MISSING
+    optimizer: OptimizerConfig = MISSING
+    way: int = MISSING
+    shot: int = MISSING
+    query: int = MISSING
+    inner_lr: float = MISSING
+    outer_lr: float = MISSING
+    inner_steps: int = MISSING
+    test_inner_steps: int = MISSING
+    meta_batch_size: int = MISSING
+    iterations: int = MISSING
+    device: str = "auto"
+    seed: int = 0
+    eval_seed: int = 0
+    data_root: str = MISSING
+    log_every: int = 10
+    val_every: int = 500
+    val_tasks: int = 100
+    test_tasks: int = 600
+    checkpoint_every: int = 500
+    resume: Optional[str] = None
+    force_resume: bool = False
+    progress: bool = True
+
+
+def default_data_root() -> str:
+    """``$MAML_CLI_DATA``, else ``maml-cli`` under the user's cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    if os.environ.get("MAML_CLI_DATA"):
+        return os.environ["MAML_CLI_DATA"]
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "maml-cli")
+
+
+def run_name_suffix(overrides: str) -> str:
+    """``"experiment=x,way=20"`` -> ``"_experiment-x_way-20"``: says what differs, and stays a plain
+    path that can be passed back as ``resume=<dir>`` without quoting."""
+    if not overrides:
+        return ""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", overrides.replace(",", "_").replace("=", "-")).strip("-")
+    return "_" + slug[:120]
+
+
+def register() -> None:
+    """Register the schemas and resolvers; called once before Hydra composes."""
+    if not OmegaConf.has_resolver("maml_cli.data_root"):
+        OmegaConf.register_new_resolver("maml_cli.data_root", default_data_root)
+    if not OmegaConf.has_resolver("maml_cli.run_dir"):
+        # A resumed run writes into the directory of the run it continues.
+        OmegaConf.register_new_resolver("maml_cli.run_dir", lambda resume, fresh: resume if resume else fresh)
+    if not OmegaConf.has_resolver("maml_cli.slug"):
+        OmegaConf.register_new_resolver("maml_cli.slug", run_name_suffix)
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    store.store(group="schema/algo", name="maml", node=MAMLConfig)
+    store.store(group="schema/dataset", name="omniglot", node=OmniglotConfig)
+    store.store(group="schema/dataset", name="sinusoid", node=SinusoidConfig)
+    store.store(group="schema/model", name="conv4", node=Conv4Config)
+    store.store(group="schema/model", name="mlp", node=MLPConfig)
+
+
+def config_dir() -> str:
+    """The folder holding ``config.yaml``: inside the installed package, else the checkout's ``conf/``."""
+    try:
+        import maml_cli.conf as packaged
+
+        return str(Path(packaged.__file__).parent)
+    except ImportError:  # running from a source tree without installing
+        return str(Path(__file__).resolve().parents[2] / "conf")

@@ -1,0 +1,64 @@
+"""N-way K-shot Q-query episodes from images grouped by class."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from maml_cli.errors import EpisodeError
+from maml_cli.tasks import Episode
+
+
+def check_episode_size(way: int, shot: int, query: int, n_classes: int, images_per_class: int, where: str) -> None:
+    """Raise :class:`EpisodeError` naming the numbers if a split cannot supply the episode."""
+    if way < 1 or shot < 1 or query < 1:
+        raise EpisodeError(f"way, shot and query must be at least 1 (got way={way}, shot={shot}, query={query}).")
+    if way > n_classes:
+        raise EpisodeError(
+            f"way={way} needs {way} distinct classes per episode, but the {where} has only {n_classes} classes. "
+            f"Use way<={n_classes} or a split with more classes."
+        )
+    if shot + query > images_per_class:
+        raise EpisodeError(
+            f"shot + query = {shot} + {query} = {shot + query} distinct images per class, but each class of the {where} "
+            f"has only {images_per_class} images. Use shot + query <= {images_per_class}."
+        )
+
+
+class ClassImageSampler:
+    """Draws N-way K-shot Q-query episodes from a tensor of images grouped by class.
+
+    Within an episode the ``way`` classes are distinct and so are the ``shot + query``
+    images of each class. Classes are drawn in random order and labelled ``0..way-1``
+    in that order, so labels are permuted afresh in every episode. Every random
+    choice comes from the generator passed to :meth:`sample`.
+
+    Args:
+        class_images: uint8 tensor ``(n_classes, images_per_class, C, H, W)``; kept on
+            its device, episodes come out on the same device as float in [0, 1].
+        way, shot, query: classes per episode, support and query images per class.
+        where: a description of the split for error messages, e.g. ``"meta-train split of omniglot (random)"``.
+
+    Raises:
+        EpisodeError: if the split cannot supply ``way`` classes or ``shot + query`` images per class.
+    """
+
+    def __init__(self, class_images: Tensor, way: int, shot: int, query: int, where: str) -> None:
+        n_classes, images_per_class = class_images.shape[:2]
+        check_episode_size(way, shot, query, n_classes, images_per_class, where)
+        self.class_images = class_images
+        self.way, self.shot, self.query = way, shot, query
+
+    def sample(self, generator: torch.Generator) -> Episode:
+        n_classes, images_per_class = self.class_images.shape[:2]
+        classes = torch.randperm(n_classes, generator=generator)[: self.way]
+        picks = torch.rand(self.way, images_per_class, generator=generator).argsort(dim=1)[:, : self.shot + self.query]
+        device = self.class_images.device
+        images = self.class_images[classes.to(device)[:, None], picks.to(device)].float().div_(255)
+        image_shape = images.shape[2:]
+        labels = torch.arange(self.way, device=device)
+        return Episode(
+            support_x=images[:, : self.shot].reshape(-1, *image_shape),
+            support_y=labels.repeat_interleave(self.shot),
+            query_x=images[:, self.shot :].reshape(-1, *image_shape),
+            query_y=labels.repeat_interleave(self.query),
+        )

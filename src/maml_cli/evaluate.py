@@ -1,0 +1,117 @@
+"""``maml-eval``: score a checkpoint on the fixed meta-test episodes.
+
+Usage::
+
+    maml-eval checkpoint=outputs/runs/<run>/best.pt [test_tasks=600] [test_inner_steps=N]
+              [split=test|val] [shot=K] [query=Q] [eval_seed=0] [device=auto] [data_root=DIR]
+
+Prints the mean and 95% confidence interval of the accuracy (MSE for
+regression) after each number of inner steps, and writes the same table as JSON
+next to the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from maml_cli.build import build_algorithm, build_model, build_tasks, resolve_device
+from maml_cli.checkpoint import load_checkpoint
+from maml_cli.errors import UserError
+from maml_cli.loop import evaluate
+
+log = logging.getLogger("maml_cli")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    split: str = "test"
+    test_tasks: Optional[int] = None  # default: the run's test_tasks
+    test_inner_steps: Optional[int] = None  # default: the run's test_inner_steps
+    eval_seed: Optional[int] = None  # default: the run's eval_seed
+    shot: Optional[int] = None  # default: the run's shot (e.g. score a K=10-trained regressor with K=5)
+    query: Optional[int] = None  # default: the run's query
+    device: str = "auto"
+    data_root: Optional[str] = None  # default: the run's data root
+
+
+def parse_args(argv: list[str]) -> EvalConfig:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        raise SystemExit(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise UserError(f"arguments are key=value pairs; not understood: {' '.join(bad)}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(argv))
+        if OmegaConf.is_missing(cfg, "checkpoint"):
+            raise UserError("checkpoint=<path to last.pt or best.pt> is required.")
+        if cfg.split not in ("test", "val"):
+            raise UserError(f"split must be test or val (got {cfg.split!r}).")
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{err}".replace("\n", "; ")) from err
+
+
+def run_eval(args: EvalConfig) -> dict:
+    state = load_checkpoint(Path(args.checkpoint), map_location="cpu")
+    cfg = OmegaConf.create(state["config"])
+    for key in ("test_tasks", "test_inner_steps", "eval_seed", "shot", "query"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if "test_inner_steps" in cfg.algo:
+        cfg.algo.test_inner_steps = cfg.test_inner_steps
+    if args.data_root is not None and "root" in cfg.dataset:
+        cfg.dataset.root = args.data_root
+    device = resolve_device(args.device)
+    tasks = build_tasks(cfg)
+    sampler = tasks.sampler(args.split, cfg.way, cfg.shot, cfg.query, device)
+    model = build_model(cfg, tasks)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    results = evaluate(build_algorithm(cfg), model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device)
+    return {
+        "checkpoint": str(args.checkpoint), "iteration": state["iteration"], "split": args.split,
+        "dataset_split": tasks.split_name, "metric": tasks.kind.metric, "tasks": cfg.test_tasks, "eval_seed": cfg.eval_seed,
+        "way": cfg.way, "shot": cfg.shot, "query": cfg.query,
+        "by_inner_step": [{"inner_steps": k, "mean": m, "ci95": c} for k, (m, c) in enumerate(results)],
+    }
+
+
+def format_table(report: dict) -> str:
+    metric = report["metric"]
+    lines = [
+        f"{report['checkpoint']} (iteration {report['iteration']}): meta-{report['split']} {metric}, "
+        f"{report['way']}-way {report['shot']}-shot, {report['tasks']} tasks, eval_seed={report['eval_seed']}, split={report['dataset_split']}",
+        f"{'inner steps':>11}  {metric:>10}  {'95% CI':>8}",
+    ]
+    for row in report["by_inner_step"]:
+        lines.append(f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {row['ci95']:>8.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``maml-eval``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        report = run_eval(args)
+    except UserError as err:
+        print(f"maml-eval: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(format_table(report))
+    out = Path(args.checkpoint).with_name(f"eval_{Path(args.checkpoint).stem}_{args.split}_{report['way']}w{report['shot']}s.json")
+    out.write_text(json.dumps(report, indent=2))
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The meta-training loop and the evaluation loop shared by every algorithm."""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm import tqdm
+
+from maml_cli.checkpoint import save_checkpoint
+from maml_cli.errors import UserError
+from maml_cli.tasks import Episode, EpisodeSampler, TaskKind
+
+log = logging.getLogger(__name__)
+
+
+def functional_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+    """``forward(params, x)``: the model evaluated with ``params`` instead of its own parameters."""
+
+    def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, params, (x,))
+
+    return forward
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the normal-approximation 95% confidence interval (1.96 standard errors)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, 1.96 * math.sqrt(var / n)
+
+
+def evaluate(algorithm: Any, model: nn.Module, sampler: EpisodeSampler, kind: TaskKind, n_tasks: int, seed: int,
+             device: torch.device) -> list[tuple[float, float]]:
+    """Score the meta-parameters on ``n_tasks`` episodes drawn from a generator seeded with ``seed``.
+
+    The episodes depend only on ``seed`` and the sampler, so every run and every
+    algorithm is scored on the same tasks.
+
+    Returns:
+        ``[(mean, ci95), ...]`` of ``kind.metric``, one entry per adaptation step
+        reported by the algorithm (0, 1, ..., ``test_inner_steps`` for MAML).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    forward = functional_forward(model)
+    params = dict(model.named_parameters())
+    per_step: list[list[float]] = []
+    for _ in range(n_tasks):
+        episode = sampler.sample(generator).to(device)
+        for step, metrics in enumerate(algorithm.evaluate(forward, params, episode, kind.objective)):
+            if step == len(per_step):
+                per_step.append([])
+            per_step[step].append(float(metrics[kind.metric]))
+    return [mean_ci95(values) for values in per_step]
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class StopRequested:
+    """SIGINT/SIGTERM ask the loop to stop after the current iteration; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequested":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing the current iteration, then saving last.pt (Ctrl-C again to quit at once)", self.signal_name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the model and optimizer."""
+
+    iteration: int = 0
+    best_metric: float | None = None
+    best_iteration: int = 0
+
+
+@dataclass
+class MetaTrainer:
+    """Runs meta-training for any algorithm with ``meta_loss`` and ``evaluate``.
+
+    Writes TensorBoard scalars, ``last.pt`` and ``best.pt`` under ``run_dir``.
+    """
+
+    algorithm: Any
+    model: nn.Module
+    kind: TaskKind
+    optimizer: torch.optim.Optimizer
+    train_sampler: EpisodeSampler
+    val_sampler: EpisodeSampler
+    test_sampler: EpisodeSampler
+    generator: torch.Generator
+    writer: Any
+    run_dir: Path
+    device: torch.device
+    iterations: int
+    meta_batch_size: int
+    log_every: int
+    val_every: int
+    val_tasks: int
+    test_tasks: int
+    checkpoint_every: int
+    eval_seed: int
+    config: dict[str, Any]
+    scheduler: Any = None
+    progress: bool = True
+    resume_hint: str = ""
+    state: TrainState = field(default_factory=TrainState)
+
+    # -- checkpoints -------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "iteration": self.state.iteration,
+            "best_metric": self.state.best_metric,
+            "best_iteration": self.state.best_iteration,
+            "metric": self.kind.metric,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "train_generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": self.config,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["train_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.state = TrainState(state["iteration"], state["best_metric"], state["best_iteration"])
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / name
+        save_checkpoint(self.checkpoint_state(), path)
+        return path
+
+    # -- one meta-training step -------------------------------------------
+    def step(self) -> tuple[dict[str, float], float]:
+        """One meta-update over ``meta_batch_size`` tasks; returns mean metrics and seconds spent sampling."""
+        forward = functional_forward(self.model)
+        params = dict(self.model.named_parameters())
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        data_seconds = 0.0
+        for _ in range(self.meta_batch_size):
+            start = time.perf_counter()
+            episode: Episode = self.train_sampler.sample(self.generator).to(self.device)
+            data_seconds += time.perf_counter() - start
+            loss, metrics = self.algorithm.meta_loss(forward, params, episode, self.kind.objective)
+            # Backward per task frees each task's graph at once: memory stays that of one task.
+            (loss / self.meta_batch_size).backward()
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        means = {name: total / self.meta_batch_size for name, total in totals.items()}
+        if not math.isfinite(means["loss"]):
+            raise NonFiniteLoss(
+                f"the meta-training loss became {means['loss']} at iteration {self.state.iteration + 1}; stopped instead of training on garbage. "
+                f"The last good checkpoint is {self._last_good()}. Try a smaller inner_lr or outer_lr."
+            )
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return means, data_seconds
+
+    def _last_good(self) -> str:
+        path = self.run_dir / "last.pt"
+        return str(path) if path.exists() else "none (no checkpoint was written yet)"
+
+    # -- validation and test ----------------------------------------------
+    def validate(self) -> float:
+        results = evaluate(self.algorithm, self.model, self.val_sampler, self.kind, self.val_tasks, self.eval_seed, self.device)
+        value, ci = results[-1]
+        step = self.state.iteration
+        self.writer.add_scalar(f"val/{self.kind.metric}", value, step)
+        self.writer.add_scalar(f"val/{self.kind.metric}_ci95", ci, step)
+        better = self.state.best_metric is None or (value > self.state.best_metric if self.kind.higher_is_better else value < self.state.best_metric)
+        if better:
+            self.state.best_metric, self.state.best_iteration = value, step
+            self.writer.add_scalar(f"val/best_{self.kind.metric}", value, step)
+            self.save("best.pt")
+        return value
+
+    def test(self) -> list[tuple[float, float]]:
+        results = evaluate(self.algorithm, self.model, self.test_sampler, self.kind, self.test_tasks, self.eval_seed, self.device)
+        metric = self.kind.metric
+        for inner_step, (value, ci) in enumerate(results):
+            self.writer.add_scalar(f"test/{metric}_by_inner_step", value, inner_step)
+            self.writer.add_scalar(f"test/{metric}_ci95_by_inner_step", ci, inner_step)
+        value, ci = results[-1]
+        self.writer.add_scalar(f"test/{metric}", value, self.state.iteration)
+        self.writer.add_scalar(f"test/{metric}_ci95", ci, self.state.iteration)
+        return results
+
+    # -- the loop -----------------------------------------------------------
+    def train(self) -> bool:
+        """Meta-train until ``iterations``; returns False if stopped early by a signal (``last.pt`` is saved)."""
+        bar = tqdm(total=self.iterations, initial=self.state.iteration, disable=not self.progress, dynamic_ncols=True, desc="meta-train")
+        window_start, window_tasks = time.perf_counter(), 0
+        with StopRequested() as stop:
+            while self.state.iteration < self.iterations:
+                step_start = time.perf_counter()
+                means, data_seconds = self.step()
+                step_seconds = time.perf_counter() - step_start
+                self.state.iteration += 1
+                it = self.state.iteration
+                window_tasks += self.meta_batch_size
+                if it % self.log_every == 0 or it == self.iterations:
+                    elapsed = time.perf_counter() - window_start
+                    for name, value in means.items():
+                        self.writer.add_scalar(f"train/{name}", value, it)
+                    self.writer.add_scalar("train/tasks_per_second", window_tasks / elapsed, it)
+                    window_start, window_tasks = time.perf_counter(), 0
+                if it % self.val_every == 0 or it == self.iterations:
+                    self.validate()
+                if it % self.checkpoint_every == 0 or it == self.iterations:
+                    self.save("last.pt")
+                bar.update(1)
+                bar.set_postfix({
+                    **{name: f"{value:.4g}" for name, value in means.items()},
+                    "tasks/s": f"{self.meta_batch_size / step_seconds:.1f}",
+                    "data": f"{100 * data_seconds / step_seconds:.0f}%",
+                }, refresh=False)
+                if stop:
+                    self.save("last.pt")
+                    self.writer.flush()
+                    bar.close()
+                    log.warning("stopped by %s after iteration %d; saved %s. Resume with: %s",
+                                stop.signal_name, it, self.run_dir / "last.pt", self.resume_hint)
+                    return False
+        bar.close()
+        return True

@@ -1,0 +1,130 @@
+"""``maml-train``: the Hydra entry point of meta-training.
+
+Examples::
+
+    maml-train dataset=sinusoid                     # no data needed, minutes on a laptop
+    maml-train algo=maml way=20 shot=1              # MAML on Omniglot 20-way 1-shot
+    maml-train experiment=maml_omniglot_5w1s        # the paper's settings
+    maml-train -m algo=maml inner_steps=1,3,5       # a sweep; one run directory per value
+    maml-train experiment=maml_omniglot_5w1s resume=outputs/runs/<run>   # continue a run
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from maml_cli import config as config_module
+from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_tasks, config_differences, flatten,
+                            hparams, resolve_device, validate)
+from maml_cli.checkpoint import load_checkpoint
+from maml_cli.errors import UserError
+from maml_cli.loop import MetaTrainer
+
+log = logging.getLogger("maml_cli")
+
+
+def resume_override(run_dir: Path) -> str:
+    """``resume=<run_dir>`` as typed in a shell; quoted for Hydra when the path holds ``=`` or ``,`` (multirun members)."""
+    value = str(run_dir)
+    if any(c in value for c in "=,[]{}()'\" "):
+        value = "'" + value + "'"
+    return shlex.quote(f"resume={value}")
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
+    """Meta-train as ``cfg`` says, writing everything under ``run_dir``.
+
+    Returns:
+        The final meta-test metric (accuracy, or MSE for regression), for sweepers.
+    """
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+    resume_state = None
+    if not cfg.resume and (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run (last.pt); to continue it pass {resume_override(run_dir)}, or start the new run a second later.")
+    if cfg.resume:
+        resume_state = load_checkpoint(Path(cfg.resume) / "last.pt", map_location="cpu")
+        differences = config_differences(flatten(resume_state["config"]), flatten(config))
+        if differences and not cfg.force_resume:
+            raise UserError(f"resume={cfg.resume}: the config differs from the run's in ways that change results: "
+                            f"{'; '.join(differences)}. Repeat the run's overrides (see {Path(cfg.resume) / 'config.yaml'}), "
+                            f"or add force_resume=true to continue anyway.")
+
+    torch.manual_seed(cfg.seed)
+    tasks = build_tasks(cfg)
+    samplers = {split: tasks.sampler(split, cfg.way, cfg.shot, cfg.query, device) for split in ("train", "val", "test")}
+    model = build_model(cfg, tasks).to(device)
+    optimizer = build_optimizer(cfg, model)
+    algorithm = build_algorithm(cfg)
+
+    start = resume_state["iteration"] if resume_state else 0
+    # purge_step drops events a killed run logged after its last checkpoint, so curves continue without duplicates.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start + 1 if resume_state else None)
+    kept = [o for o in overrides if not o.startswith(("resume=", "force_resume="))]
+    trainer = MetaTrainer(
+        algorithm=algorithm, model=model, kind=tasks.kind, optimizer=optimizer,
+        train_sampler=samplers["train"], val_sampler=samplers["val"], test_sampler=samplers["test"],
+        generator=torch.Generator().manual_seed(cfg.seed), writer=writer, run_dir=run_dir, device=device,
+        iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size, log_every=cfg.log_every,
+        val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
+        checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress,
+        resume_hint=" ".join(["maml-train", *(shlex.quote(o) for o in kept), resume_override(run_dir)]),
+    )
+    metric = tasks.kind.metric
+    if resume_state:
+        trainer.restore(resume_state)
+        log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
+    else:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        exp, ssi, sei = hparams_summary(hparams(cfg, tasks), {f"test/{metric}": 0, f"test/{metric}_ci95": 0, f"val/best_{metric}": 0})
+        for summary in (exp, ssi, sei):
+            writer.file_writer.add_summary(summary)
+    log.info("run directory: %s", run_dir)
+    log.info("dataset split: %s %s; device: %s; %d parameters", tasks.split_name,
+             getattr(tasks, "describe", dict)(), device, sum(p.numel() for p in model.parameters()))
+    try:
+        if not trainer.train():
+            writer.close()
+            raise SystemExit(130)
+        results = trainer.test()
+    finally:
+        writer.close()
+    for inner_step, (value, ci) in enumerate(results):
+        log.info("meta-test %s after %d inner step(s): %.4f +- %.4f (95%% CI, %d tasks)", metric, inner_step, value, ci, cfg.test_tasks)
+    if trainer.state.best_metric is not None:
+        log.info("best meta-validation %s: %.4f at iteration %d", metric, trainer.state.best_metric, trainer.state.best_iteration)
+    return results[-1][0]
+
+
+config_module.register()
+
+
+@hydra.main(version_base="1.3", config_path=config_module.config_dir(), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    try:
+        return train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    except UserError as err:
+        log.error("%s", err)
+        print(f"maml-train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """Console script ``maml-train``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Shared fixtures: a small Omniglot-shaped copy written by the tests, and a runner for the installed commands."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_OMNIGLOT = Path(os.environ.get("MAML_CLI_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# A reduced copy: 2 + 2 alphabets, 28 characters, 20 images each, in torchvision's layout.
+SMALL_LAYOUT = {"images_background": {"Alpha": 8, "Beta": 8}, "images_evaluation": {"Gamma": 6, "Delta": 6}}
+SMALL_OVERRIDES = ["dataset.check_counts=false", "dataset.val_characters=4", "dataset.test_characters=8", "dataset.download=false"]
+
+
+def write_small_omniglot(root: Path, layout: dict = SMALL_LAYOUT, images: int = 20, seed: int = 0) -> Path:
+    """Write random 1-bit 105x105 PNGs as <root>/omniglot-py/<set>/<Alphabet>/characterNN/IIII_DD.png."""
+    generator = torch.Generator().manual_seed(seed)
+    char_id = 1
+    for set_name, alphabets in layout.items():
+        for alphabet, n_characters in alphabets.items():
+            for c in range(1, n_characters + 1):
+                folder = root / "omniglot-py" / set_name / alphabet / f"character{c:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                # Each character is a fixed random pattern; its drawings are noisy copies, so classes are learnable.
+                pattern = torch.rand(105, 105, generator=generator) > 0.7
+                for d in range(1, images + 1):
+                    noise = torch.rand(105, 105, generator=generator) > 0.95
+                    pixels = (pattern ^ noise).numpy()
+                    Image.fromarray(pixels).convert("1").save(folder / f"{char_id:04d}_{d:02d}.png")
+                char_id += 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_omniglot(tmp_path_factory) -> Path:
+    return write_small_omniglot(tmp_path_factory.mktemp("data"))
+
+
+def console_script(name: str) -> str:
+    """The installed console script next to this interpreter (the venv's), else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed; run the README's install command first")
+    return found
+
+
+def run_cli(name: str, args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    result = subprocess.run([console_script(name), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        pytest.fail(f"{name} {' '.join(args)} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
+    return result
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of a run's TensorBoard event files, as tag -> [(step, value)], honouring purged steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    scalars: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for tag in accumulator.Tags()["scalars"]:
+        scalars[tag] = [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    return dict(scalars)
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    return sorted(p.parent for p in (cwd / "outputs").rglob("config.yaml") if p.parent.name != ".hydra")

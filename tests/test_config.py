@@ -1,0 +1,132 @@
+"""Every config composes and instantiates; the schema rejects unknown keys and wrong types by name."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import SMALL_OVERRIDES
+from maml_cli import config
+from maml_cli.build import build_algorithm, build_model, build_optimizer, build_tasks, validate
+from maml_cli.errors import UserError
+
+config.register()
+CONF = Path(config.config_dir())
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+GROUP_CHOICES = [(group, p.stem) for group in ("algo", "dataset", "model") for p in sorted((CONF / group).glob("*.yaml"))]
+
+
+def compose_config(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_the_package_finds_the_repository_configs():
+    assert (CONF / "config.yaml").is_file() and EXPERIMENTS and len(GROUP_CHOICES) >= 5
+
+
+def test_defaults_are_maml_on_omniglot_5_way_1_shot():
+    cfg = compose_config([])
+    assert cfg.algo._target_.endswith("MAML") and cfg.dataset._target_.endswith("OmniglotTasks")
+    assert (cfg.way, cfg.shot, cfg.inner_lr, cfg.inner_steps, cfg.meta_batch_size, cfg.algo.first_order) == (5, 1, 0.4, 1, 32, False)
+    assert cfg.dataset.split == "random" and cfg.model.batch_norm == "batch"
+    cfg = compose_config(["algo=maml", "way=20", "shot=1"])
+    assert (cfg.way, cfg.shot, cfg.query) == (20, 1, 1)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(name, small_omniglot):
+    cfg = compose_config([f"experiment={name}", f"data_root={small_omniglot}", *(
+        SMALL_OVERRIDES if "omniglot" in name else [])])
+    _instantiate_all(cfg)
+
+
+@pytest.mark.parametrize("group,choice", GROUP_CHOICES)
+def test_every_group_option_composes_and_instantiates(group, choice, small_omniglot):
+    overrides = [f"{group}={choice}", f"data_root={small_omniglot}", *SMALL_OVERRIDES]
+    if group == "dataset" and choice != "omniglot":
+        overrides = [f"{group}={choice}"]
+    if group == "model" and choice == "mlp":
+        overrides = ["dataset=sinusoid", "model=mlp"]
+    _instantiate_all(compose_config(overrides))
+
+
+def _instantiate_all(cfg):
+    validate(cfg)
+    tasks = build_tasks(cfg)
+    model = build_model(cfg, tasks)
+    build_optimizer(cfg, model)
+    algorithm = build_algorithm(cfg)
+    sampler = tasks.sampler("train", cfg.way, cfg.shot, cfg.query)
+    episode = sampler.sample(torch.Generator().manual_seed(0))
+    loss, _ = algorithm.meta_loss(lambda p, x: torch.func.functional_call(model, p, (x,)), dict(model.named_parameters()), episode, tasks.kind.objective)
+    assert torch.isfinite(loss)
+
+
+def test_paper_presets_hold_finn_et_al_settings():
+    five = compose_config(["experiment=maml_omniglot_5w1s"])
+    assert (five.way, five.shot, five.inner_lr, five.inner_steps, five.test_inner_steps, five.meta_batch_size) == (5, 1, 0.4, 1, 3, 32)
+    twenty = compose_config(["experiment=maml_omniglot_20w1s"])
+    assert (twenty.way, twenty.shot, twenty.inner_lr, twenty.inner_steps, twenty.meta_batch_size) == (20, 1, 0.1, 5, 16)
+    sine = compose_config(["experiment=maml_sinusoid"])
+    assert (sine.shot, sine.inner_lr, sine.inner_steps, sine.meta_batch_size, sine.outer_lr) == (10, 0.01, 1, 25, 0.001)
+    assert sine.model._target_.endswith("MLP") and list(sine.model.hidden) == [40, 40]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("algo.inner_lrr=0.1", "algo.inner_lrr"),
+    ("wayy=5", "wayy"),
+    ("way=five", "way"),
+    ("inner_lr=fast", "inner_lr"),
+    ("dataset.split=alphabetical", "split"),
+    ("model.batch_norm=running", "batch_norm"),
+    ("algo.first_order=maybe", "first_order"),
+])
+def test_unknown_keys_and_wrong_types_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config([override])
+    chain, exc = [], error.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__
+    assert key in " ".join(chain)
+
+
+@pytest.mark.parametrize("override,key", [("+algo.foo=1", "algo.foo"), ("+dataset.splitt=lake", "dataset.splitt")])
+def test_keys_appended_with_plus_are_rejected_before_any_work(override, key):
+    with pytest.raises(UserError, match=f"unknown key {key}"):
+        validate(compose_config([override]))
+
+
+def test_a_config_file_with_a_misspelt_key_is_rejected(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\ninner_setps: 3\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as error:
+            compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo"])
+    assert "inner_setps" in repr(error.value) + repr(error.value.__cause__)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("inner_lr=-0.1", "inner_lr must be positive"),
+    ("outer_lr=0", "outer_lr must be positive"),
+    ("meta_batch_size=0", "meta_batch_size must be at least 1"),
+    ("inner_steps=-1", "inner_steps must be at least 0"),
+])
+def test_out_of_range_values_are_user_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        validate(compose_config([override]))
+
+
+def test_data_root_defaults_to_env_var_then_user_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAML_CLI_DATA", str(tmp_path / "data"))
+    assert compose_config([]).data_root == str(tmp_path / "data")
+    monkeypatch.delenv("MAML_CLI_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = compose_config([])
+    assert cfg.data_root == str(tmp_path / "cache" / "maml-cli") and cfg.dataset.root == cfg.data_root

@@ -1,0 +1,146 @@
+"""End-to-end: the installed commands, run from a scratch directory, write what a researcher looks at."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SMALL_OVERRIDES, read_scalars, run_cli, run_dirs
+
+FAST = ["progress=false", "log_every=1", "val_every=2", "val_tasks=4", "test_tasks=5", "checkpoint_every=2"]
+SINE = ["dataset=sinusoid", "iterations=4", "meta_batch_size=3", *FAST]
+
+
+def omniglot_args(data_root, iterations=3, *extra):
+    return [f"data_root={data_root}", *SMALL_OVERRIDES, "way=3", "shot=1", "query=2", "meta_batch_size=2",
+            "model.hidden=8", "test_inner_steps=2", f"iterations={iterations}", *FAST, *extra]
+
+
+def only_run(cwd: Path) -> Path:
+    runs = run_dirs(cwd)
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def steps(scalars, tag):
+    return [s for s, _ in scalars[tag]]
+
+
+def test_sinusoid_run_writes_curves_checkpoints_config_and_hparams(tmp_path):
+    run_cli("maml-train", SINE, cwd=tmp_path)
+    run = only_run(tmp_path)
+    assert run.parent == tmp_path / "outputs" / "runs" and run.name.endswith("_dataset-sinusoid_iterations-4_meta_batch_size-3")
+    scalars = read_scalars(run)
+    assert steps(scalars, "train/loss") == [1, 2, 3, 4] and steps(scalars, "train/mse") == [1, 2, 3, 4]
+    assert steps(scalars, "val/mse") == [2, 4]
+    assert steps(scalars, "test/mse_by_inner_step") == list(range(11))  # 0..test_inner_steps=10
+    assert steps(scalars, "test/mse") == [4] and scalars["test/mse_ci95"][0][1] > 0
+    assert {"last.pt", "best.pt", "config.yaml"} <= {p.name for p in run.iterdir()}
+    assert "shot: 10" in (run / "config.yaml").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(run))
+    accumulator.Reload()
+    hparams = accumulator.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in hparams and "_hparams_/session_start_info" in hparams
+    assert b"inner_lr" in hparams["_hparams_/session_start_info"] and b"test/mse" in hparams["_hparams_/experiment"]
+
+
+def test_omniglot_run_on_a_small_copy_writes_accuracy_curves(tmp_path, small_omniglot):
+    result = run_cli("maml-train", omniglot_args(small_omniglot, 4), cwd=tmp_path)
+    scalars = read_scalars(only_run(tmp_path))
+    assert steps(scalars, "train/accuracy") == [1, 2, 3, 4]
+    assert steps(scalars, "val/accuracy") == [2, 4]
+    assert steps(scalars, "test/accuracy_by_inner_step") == [0, 1, 2]
+    assert all(0 <= v <= 1 for _, v in scalars["test/accuracy_by_inner_step"])
+    assert "meta-test accuracy after 2 inner step(s)" in result.stdout + result.stderr
+
+
+def test_multirun_writes_one_named_run_per_value(tmp_path):
+    run_cli("maml-train", ["-m", *SINE, "iterations=2", "inner_steps=1,2"], cwd=tmp_path)
+    runs = run_dirs(tmp_path)
+    assert [r.name for r in runs] == [f"dataset=sinusoid,inner_steps={k},iterations=2,meta_batch_size=3" for k in (1, 2)]
+    assert all(r.parent.parent == tmp_path / "outputs" / "multirun" for r in runs)
+    for run, inner_steps in zip(runs, (1, 2)):
+        assert steps(read_scalars(run), "train/loss") == [1, 2]
+        assert f"inner_steps: {inner_steps}" in (run / "config.yaml").read_text()
+
+
+def test_resume_continues_from_the_saved_iteration_and_matches_an_uninterrupted_run(tmp_path, small_omniglot):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run_cli("maml-train", omniglot_args(small_omniglot, 3), cwd=tmp_path / "a")
+    first = only_run(tmp_path / "a")
+    assert torch.load(first / "last.pt", weights_only=True)["iteration"] == 3
+    result = run_cli("maml-train", omniglot_args(small_omniglot, 6, f"resume={first}"), cwd=tmp_path / "a")
+    assert "resumed" in result.stdout + result.stderr and only_run(tmp_path / "a") == first
+    assert torch.load(first / "last.pt", weights_only=True)["iteration"] == 6
+    resumed = read_scalars(first)
+    assert steps(resumed, "train/loss") == [1, 2, 3, 4, 5, 6]
+
+    run_cli("maml-train", omniglot_args(small_omniglot, 6), cwd=tmp_path / "b")
+    straight = read_scalars(only_run(tmp_path / "b"))
+    assert resumed["train/loss"] == straight["train/loss"]
+    assert resumed["test/accuracy"][-1][1] == straight["test/accuracy"][-1][1]
+
+
+def test_resume_with_a_config_that_changes_results_is_refused(tmp_path):
+    run_cli("maml-train", SINE, cwd=tmp_path)
+    run = only_run(tmp_path)
+    result = run_cli("maml-train", [*SINE, "inner_lr=0.5", f"resume={run}"], cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "inner_lr: 0.01 -> 0.5" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small_omniglot):
+    run_cli("maml-train", omniglot_args(small_omniglot, 2), cwd=tmp_path)
+    run = only_run(tmp_path)
+    result = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)
+    lines = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[0]) for row in lines] == [0, 1, 2]
+    logged = dict(read_scalars(run)["test/accuracy_by_inner_step"])
+    for row in lines:
+        assert float(row[1]) == pytest.approx(logged[int(row[0])], abs=1e-4)
+    report = json.loads((run / "eval_last_test_3w1s.json").read_text())
+    assert report["tasks"] == 5 and len(report["by_inner_step"]) == 3
+
+
+def test_impossible_episode_is_an_error_before_training_naming_the_numbers(tmp_path, small_omniglot):
+    result = run_cli("maml-train", omniglot_args(small_omniglot, 2, "way=40"), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "way=40 needs 40 distinct classes per episode, but the meta-validation split of omniglot (random) has only 16 classes" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "outputs").rglob("last.pt"))
+
+
+def test_missing_omniglot_offline_names_the_folder_and_the_sinusoid_alternative(tmp_path):
+    result = run_cli("maml-train", [f"data_root={tmp_path / 'empty'}", "dataset.download=false", "iterations=1", "progress=false"],
+                     cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert str(tmp_path / "empty" / "omniglot-py") in result.stderr and "dataset=sinusoid" in result.stderr
+
+
+def test_a_misspelt_override_fails_with_the_key_name(tmp_path):
+    result = run_cli("maml-train", ["dataset=sinusoid", "inner_setps=3"], cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "inner_setps" in result.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pt"))
+
+
+@pytest.mark.slow
+def test_a_plain_wheel_ships_the_configs_and_runs_from_another_directory(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], check=True, capture_output=True)
+    wheel = next(wheels.glob("maml_cli-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "maml_cli/conf/config.yaml" in names and "maml_cli/conf/experiment/maml_omniglot_5w1s.yaml" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", "import maml_cli.train as t; print(t.__file__); t.main()", *SINE],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(str(target))
+    assert steps(read_scalars(only_run(elsewhere)), "train/loss") == [1, 2, 3, 4]

@@ -1,0 +1,84 @@
+"""The N-way K-shot sampler: distinct classes and images, labels, determinism, impossible requests."""
+import pytest
+import torch
+
+from maml_cli.data.episodes import ClassImageSampler
+from maml_cli.data.sinusoid import SinusoidTasks
+from maml_cli.errors import EpisodeError
+
+
+def labelled_images(n_classes=12, per_class=20):
+    """Image (c, i) is filled with the value c * per_class + i, so every image says who it is."""
+    ids = torch.arange(n_classes * per_class).reshape(n_classes, per_class)
+    return ids[:, :, None, None, None].expand(-1, -1, 1, 2, 2).to(torch.int32), ids
+
+
+def identities(x, scale):
+    return (x[:, 0, 0, 0] * scale).round().long()
+
+
+def test_episode_has_distinct_classes_and_images_and_labels_0_to_way_minus_1():
+    images, _ = labelled_images(n_classes=12, per_class=20)
+    # Store the identity in uint8 range by sampling from a small table: 12 * 20 = 240 < 256.
+    sampler = ClassImageSampler(images.to(torch.uint8), way=5, shot=3, query=4, where="test split")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        episode = sampler.sample(generator)
+        assert episode.support_x.shape == (15, 1, 2, 2) and episode.query_x.shape == (20, 1, 2, 2)
+        support_ids, query_ids = identities(episode.support_x, 255), identities(episode.query_x, 255)
+        all_ids = torch.cat([support_ids, query_ids])
+        assert len(set(all_ids.tolist())) == 5 * (3 + 4), "images repeat within an episode"
+        classes = all_ids // 20
+        assert len(set(classes.tolist())) == 5, "classes repeat within an episode"
+        assert sorted(set(episode.support_y.tolist())) == list(range(5))
+        assert torch.equal(episode.support_y.bincount(), torch.full((5,), 3))
+        assert torch.equal(episode.query_y.bincount(), torch.full((5,), 4))
+        # One label per class, the same in support and query.
+        for label in range(5):
+            assert set((support_ids[episode.support_y == label] // 20).tolist()) == set((query_ids[episode.query_y == label] // 20).tolist())
+
+
+def test_labels_are_permuted_per_episode():
+    images, _ = labelled_images()
+    sampler = ClassImageSampler(images.to(torch.uint8), way=5, shot=1, query=1, where="test split")
+    generator = torch.Generator().manual_seed(0)
+    class_of_label0 = {int(identities(sampler.sample(generator).support_x, 255)[0]) // 20 for _ in range(30)}
+    assert len(class_of_label0) > 3
+
+
+def test_same_seed_same_episodes_different_seed_different_episodes():
+    images, _ = labelled_images()
+    sampler = ClassImageSampler(images.to(torch.uint8), way=5, shot=1, query=2, where="test split")
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [sampler.sample(g) for _ in range(5)]
+
+    a, b, c = draw(7), draw(7), draw(8)
+    assert all(torch.equal(x.support_x, y.support_x) and torch.equal(x.query_x, y.query_x) for x, y in zip(a, b))
+    assert not all(torch.equal(x.support_x, y.support_x) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("way,shot,query,message", [
+    (13, 1, 1, "way=13 needs 13 distinct classes per episode, but the meta-test split has only 12 classes"),
+    (5, 15, 6, "shot + query = 15 + 6 = 21 distinct images per class, but each class of the meta-test split has only 20 images"),
+    (5, 0, 1, "way, shot and query must be at least 1"),
+])
+def test_impossible_episode_raises_naming_the_numbers(way, shot, query, message):
+    images, _ = labelled_images()
+    with pytest.raises(EpisodeError, match=message.replace("+", r"\+")):
+        ClassImageSampler(images.to(torch.uint8), way, shot, query, where="meta-test split")
+
+
+def test_sinusoid_tasks_follow_the_distribution_and_reject_way():
+    tasks = SinusoidTasks()
+    sampler = tasks.sampler("train", way=1, shot=5, query=7)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        episode = sampler.sample(generator)
+        x = torch.cat([episode.support_x, episode.query_x])
+        y = torch.cat([episode.support_y, episode.query_y])
+        assert episode.support_x.shape == (5, 1) and episode.query_x.shape == (7, 1)
+        assert x.min() >= -5 and x.max() <= 5 and y.abs().max() <= 5
+    with pytest.raises(EpisodeError, match="way must be 1"):
+        tasks.sampler("train", way=5, shot=5, query=5)
