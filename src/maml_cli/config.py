@@ -124,7 +124,7 @@ def run_name_suffix(overrides: str) -> str:
     path that can be passed back as ``resume=<dir>`` without quoting."""
     if not overrides:
         return ""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", overrides.replace(",", "_").replace("=", "-")).strip("-")
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", overrides.replace(",", "_").replace("=", "-")).strip("-")
     return "_" + slug[:120]
 
 

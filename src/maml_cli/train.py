@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -116,7 +117,10 @@ def _hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     except UserError as err:
-        log.error("%s", err)
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        if not cfg.resume and not any(run_dir.glob("*.pt")):
+            # Nothing was trained: leave no directory that could pass for a run.
+            shutil.rmtree(run_dir, ignore_errors=True)
         print(f"maml-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

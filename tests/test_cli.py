@@ -1,0 +1,46 @@
+"""Small pieces of the command line: devices, resume hints, run names."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from maml_cli.build import resolve_device
+from maml_cli.config import run_name_suffix
+from maml_cli.errors import UserError
+from maml_cli.train import resume_override
+
+
+def test_device_auto_and_cpu_and_bad_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="not one of auto, cpu, cuda, cuda:N"):
+        resolve_device("gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_says_so():
+    with pytest.raises(UserError, match="device=cuda was asked for, but this machine has no usable CUDA device"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_index_out_of_range():
+    with pytest.raises(UserError, match="there are only"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_run_names_say_what_differs_and_need_no_quoting():
+    assert run_name_suffix("") == ""
+    assert run_name_suffix("experiment=maml_omniglot_5w1s,way=20") == "_experiment-maml_omniglot_5w1s_way-20"
+    assert run_name_suffix("dataset.split_dir=/a b/c") == "_dataset.split_dir-a-b-c"
+
+
+def test_resume_hint_quotes_multirun_member_paths_for_hydra():
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for run_dir in (Path("outputs/runs/2026-01-01_00-00-00_way-20"), Path("outputs/multirun/2026-01-01/inner_steps=3,way=5")):
+        (as_typed,) = shlex.split(resume_override(run_dir))  # what the shell hands to maml-train
+        assert parser.parse_override(as_typed).value() == str(run_dir)
