@@ -44,6 +44,22 @@ def small_omniglot(tmp_path_factory) -> Path:
     return write_small_omniglot(tmp_path_factory.mktemp("data"))
 
 
+def write_small_vinyals_split(folder: Path, layout: dict = SMALL_LAYOUT) -> Path:
+    """Class lists in the Vinyals format for the small copy: Alpha and Beta train, Gamma validation, Delta test."""
+    parts = {"train": ["Alpha", "Beta"], "val": ["Gamma"], "test": ["Delta"]}
+    sizes = {a: n for alphabets in layout.values() for a, n in alphabets.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, alphabets in parts.items():
+        lines = [f"{a}/character{c:02d}/rot{r:03d}" for a in alphabets for c in range(1, sizes[a] + 1) for r in (0, 90, 180, 270)]
+        (folder / f"{part}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_vinyals_split(tmp_path_factory) -> Path:
+    return write_small_vinyals_split(tmp_path_factory.mktemp("splits"))
+
+
 def console_script(name: str) -> str:
     """The installed console script next to this interpreter (the venv's), else on PATH."""
     candidate = Path(sys.executable).parent / name

@@ -10,13 +10,16 @@ from omegaconf import OmegaConf
 
 from conftest import SMALL_OVERRIDES
 from maml_cli import config
-from maml_cli.build import build_algorithm, build_model, build_optimizer, build_tasks, validate
+from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
+                            validate)
 from maml_cli.errors import UserError
+from maml_cli.loop import functional_forward
 
 config.register()
 CONF = Path(config.config_dir())
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUP_CHOICES = [(group, p.stem) for group in ("algo", "dataset", "model") for p in sorted((CONF / group).glob("*.yaml"))]
+# conf/algo_dataset/ holds per-combination settings, chosen by the defaults list from algo and dataset.
 
 
 def compose_config(overrides):
@@ -39,9 +42,10 @@ def test_defaults_are_maml_on_omniglot_5_way_1_shot():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_instantiates(name, small_omniglot):
+def test_every_experiment_composes_and_instantiates(name, small_omniglot, small_vinyals_split):
     cfg = compose_config([f"experiment={name}", f"data_root={small_omniglot}", *(
-        SMALL_OVERRIDES if "omniglot" in name else [])])
+        # 20-way presets need 20 validation classes: 5 characters x 4 rotations.
+        SMALL_OVERRIDES + ["dataset.val_characters=5", f"dataset.split_dir={small_vinyals_split}"] if "omniglot" in name else [])])
     _instantiate_all(cfg)
 
 
@@ -57,14 +61,30 @@ def test_every_group_option_composes_and_instantiates(group, choice, small_omnig
 
 def _instantiate_all(cfg):
     validate(cfg)
-    tasks = build_tasks(cfg)
-    model = build_model(cfg, tasks)
-    build_optimizer(cfg, model)
     algorithm = build_algorithm(cfg)
-    sampler = tasks.sampler("train", cfg.way, cfg.shot, cfg.query)
-    episode = sampler.sample(torch.Generator().manual_seed(0))
-    loss, _ = algorithm.meta_loss(lambda p, x: torch.func.functional_call(model, p, (x,)), dict(model.named_parameters()), episode, tasks.kind.objective)
+    tasks = build_tasks(cfg)
+    samplers = build_samplers(cfg, tasks, algorithm, torch.device("cpu"))
+    model = build_model(cfg, tasks, algorithm)
+    build_scheduler(cfg, build_optimizer(cfg, model))
+    episode = samplers["train"].sample(torch.Generator().manual_seed(0))
+    loss, _ = algorithm.meta_loss(functional_forward(model), dict(model.named_parameters()), episode, tasks.kind.objective)
     assert torch.isfinite(loss)
+
+
+def test_lstm_on_sinusoid_reads_the_raw_input():
+    cfg = compose_config(["algo=lstm", "dataset=sinusoid"])
+    assert cfg.algo.embedding == "raw"
+    _instantiate_all(cfg)
+    assert compose_config(["algo=lstm"]).algo.embedding == "backbone"
+
+
+def test_protonet_and_lstm_presets_hold_the_papers_protocols():
+    proto = compose_config(["experiment=protonet_omniglot_20w1s"])
+    assert (proto.way, proto.shot, proto.algo.train_way, proto.algo.train_shot, proto.algo.train_query) == (20, 1, 60, 1, 5)
+    assert proto.scheduler.step_size == 2000 and proto.scheduler.gamma == 0.5 and proto.optimizer.lr == 0.001
+    assert proto.test_tasks == 1000 and proto.dataset.split == "vinyals" and proto.meta_batch_size == 1
+    santoro = compose_config(["experiment=lstm_omniglot_5w"])
+    assert (santoro.way, santoro.algo.protocol, santoro.algo.presentations) == (5, "sequence", 10)
 
 
 def test_paper_presets_hold_finn_et_al_settings():
@@ -85,10 +105,13 @@ def test_paper_presets_hold_finn_et_al_settings():
     ("dataset.split=alphabetical", "split"),
     ("model.batch_norm=running", "batch_norm"),
     ("algo.first_order=maybe", "first_order"),
+    ("algo=protonet algo.distance=manhattan", "distance"),
+    ("algo=lstm algo.protocol=omniglot", "protocol"),
+    ("algo=lstm algo.hidden=3", "algo.hidden"),
 ])
 def test_unknown_keys_and_wrong_types_fail_naming_the_key(override, key):
     with pytest.raises(ConfigCompositionException) as error:
-        compose_config([override])
+        compose_config(override.split())
     chain, exc = [], error.value
     while exc is not None:
         chain.append(str(exc))

@@ -16,8 +16,10 @@ SINE = ["dataset=sinusoid", "iterations=4", "meta_batch_size=3", *FAST]
 
 
 def omniglot_args(data_root, iterations=3, *extra):
+    # test_inner_steps is MAML's alone: the other algorithms refuse inner-loop keys.
+    maml_only = [] if any(e.startswith("algo=") and e != "algo=maml" for e in extra) else ["test_inner_steps=2"]
     return [f"data_root={data_root}", *SMALL_OVERRIDES, "way=3", "shot=1", "query=2", "meta_batch_size=2",
-            "model.hidden=8", "test_inner_steps=2", f"iterations={iterations}", *FAST, *extra]
+            "model.hidden=8", *maml_only, f"iterations={iterations}", *FAST, *extra]
 
 
 def only_run(cwd: Path) -> Path:
@@ -144,3 +146,72 @@ def test_a_plain_wheel_ships_the_configs_and_runs_from_another_directory(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(str(target))
     assert steps(read_scalars(only_run(elsewhere)), "train/loss") == [1, 2, 3, 4]
+
+
+# -- ProtoNet and the recurrent learner: peers of MAML in the same runner -------------------------------
+
+@pytest.fixture(scope="module")
+def maml_tags(tmp_path_factory, small_omniglot):
+    cwd = tmp_path_factory.mktemp("maml")
+    run_cli("maml-train", omniglot_args(small_omniglot, 2), cwd=cwd)
+    return set(read_scalars(only_run(cwd)))
+
+
+@pytest.mark.parametrize("algo_args", [["algo=protonet", "algo.train_way=6", "algo.train_query=3"], ["algo=lstm"],
+                                       ["algo=lstm", "algo.protocol=sequence", "algo.presentations=4"]])
+def test_every_algorithm_writes_the_tags_of_maml_and_is_scored_by_maml_eval(tmp_path, small_omniglot, maml_tags, algo_args):
+    run_cli("maml-train", omniglot_args(small_omniglot, 2, *algo_args), cwd=tmp_path)
+    run = only_run(tmp_path)
+    scalars = read_scalars(run)
+    assert maml_tags <= set(scalars), sorted(maml_tags - set(scalars))
+    assert steps(scalars, "test/accuracy_by_inner_step") == [0]  # no inner loop: one row
+    result = run_cli("maml-eval", [f"checkpoint={run / 'best.pt'}"], cwd=tmp_path)
+    assert abs(float(result.stdout.splitlines()[2].split()[1]) - scalars["test/accuracy_by_inner_step"][0][1]) < 1e-4 or "best.pt" in result.stdout
+    if "algo.protocol=sequence" in algo_args:
+        assert steps(scalars, "test/accuracy_by_presentation") == [1, 2, 3, 4]
+        assert steps(scalars, "train/accuracy_instance_04") == [1, 2]
+        assert "instance" in result.stdout and len([ln for ln in result.stdout.splitlines()[-6:] if ln.split()[:1] in (["1"], ["4"])]) == 2
+    else:
+        assert "test/accuracy_by_presentation" not in scalars
+
+
+def test_protonet_scores_any_way_from_one_checkpoint_and_maml_refuses(tmp_path, small_omniglot):
+    run_cli("maml-train", omniglot_args(small_omniglot, 2, "algo=protonet", "algo.train_way=6"), cwd=tmp_path)
+    run = only_run(tmp_path)
+    result = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}", "way=5"], cwd=tmp_path)
+    assert "5-way 1-shot" in result.stdout and (run / "eval_last_test_5w1s.json").is_file()
+    (tmp_path / "m").mkdir()
+    run_cli("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "m")
+    refused = run_cli("maml-eval", [f"checkpoint={only_run(tmp_path / 'm') / 'last.pt'}", "way=5"], cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "trained with way=3" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_lstm_on_sinusoid_writes_the_regression_tags_of_maml(tmp_path):
+    run_cli("maml-train", [*SINE, "algo=lstm"], cwd=tmp_path)
+    scalars = read_scalars(only_run(tmp_path))
+    assert steps(scalars, "train/mse") == [1, 2, 3, 4] and steps(scalars, "val/mse") == [2, 4] and steps(scalars, "test/mse") == [4]
+    assert "embedding: raw" in (only_run(tmp_path) / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["algo=protonet", "inner_steps=3"], "inner_steps does not apply to algo=protonet, which has no inner loop"),
+    (["algo=lstm", "inner_lr=0.1"], "inner_lr does not apply to algo=lstm"),
+    (["algo=lstm", "inner_lr=0.1", "inner_steps=2"], "inner_lr, inner_steps do not apply to algo=lstm"),
+])
+def test_inner_loop_keys_with_an_algorithm_without_one_are_an_error(tmp_path, small_omniglot, args, message):
+    result = run_cli("maml-train", omniglot_args(small_omniglot, 1, *args), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_protonet_on_regression_is_an_error(tmp_path):
+    result = run_cli("maml-train", [*SINE, "algo=protonet"], cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "needs a classification dataset" in result.stderr
+
+
+def test_multirun_over_the_three_algorithms(tmp_path, small_omniglot):
+    # test_inner_steps=2 (in the MAML arguments) is meant for the MAML member of an algorithm sweep, so it is allowed.
+    run_cli("maml-train", ["-m", *omniglot_args(small_omniglot, 2), "algo=maml,protonet,lstm"], cwd=tmp_path)
+    runs = run_dirs(tmp_path)
+    assert [r.name.split(",")[0] for r in runs] == ["algo=lstm", "algo=maml", "algo=protonet"]
+    for run in runs:
+        assert steps(read_scalars(run), "test/accuracy") == [2] and (run / "last.pt").is_file()

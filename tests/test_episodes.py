@@ -42,8 +42,28 @@ def test_labels_are_permuted_per_episode():
     images, _ = labelled_images()
     sampler = ClassImageSampler(images.to(torch.uint8), way=5, shot=1, query=1, where="test split")
     generator = torch.Generator().manual_seed(0)
-    class_of_label0 = {int(identities(sampler.sample(generator).support_x, 255)[0]) // 20 for _ in range(30)}
+    class_of_label0 = set()
+    for _ in range(30):
+        episode = sampler.sample(generator)
+        class_of_label0.add(int(identities(episode.support_x[episode.support_y == 0], 255)[0]) // 20)
     assert len(class_of_label0) > 3
+
+
+def test_support_and_query_come_in_shuffled_order():
+    # A sequence learner (algo=lstm) must not be able to read the labels off the order.
+    images, _ = labelled_images()
+    sampler = ClassImageSampler(images.to(torch.uint8), way=5, shot=3, query=3, where="test split")
+    generator = torch.Generator().manual_seed(0)
+    orders = [sampler.sample(generator) for _ in range(20)]
+    blocked = torch.arange(5).repeat_interleave(3)
+    assert sum(torch.equal(e.support_y, blocked) for e in orders) == 0
+    assert len({tuple(e.support_y.tolist()) for e in orders}) == 20 and len({tuple(e.query_y.tolist()) for e in orders}) == 20
+
+
+def test_sequence_episodes_may_have_no_query_set():
+    images, _ = labelled_images()
+    episode = ClassImageSampler(images.to(torch.uint8), way=5, shot=10, query=0, where="test split").sample(torch.Generator().manual_seed(0))
+    assert episode.support_x.shape == (50, 1, 2, 2) and episode.query_x.shape == (0, 1, 2, 2)
 
 
 def test_same_seed_same_episodes_different_seed_different_episodes():
@@ -62,7 +82,7 @@ def test_same_seed_same_episodes_different_seed_different_episodes():
 @pytest.mark.parametrize("way,shot,query,message", [
     (13, 1, 1, "way=13 needs 13 distinct classes per episode, but the meta-test split has only 12 classes"),
     (5, 15, 6, "shot + query = 15 + 6 = 21 distinct images per class, but each class of the meta-test split has only 20 images"),
-    (5, 0, 1, "way, shot and query must be at least 1"),
+    (5, 0, 1, "way and shot must be at least 1 and query at least 0"),
 ])
 def test_impossible_episode_raises_naming_the_numbers(way, shot, query, message):
     images, _ = labelled_images()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from maml_cli.errors import UserError
 # Keys that may change between a run and its resumption without changing its results.
 RESUME_FREE_KEYS = {
     "iterations", "device", "resume", "force_resume", "progress", "log_every", "val_every", "val_tasks", "test_tasks",
-    "checkpoint_every", "data_root", "dataset.root", "dataset.download",
+    "checkpoint_every", "data_root", "dataset.root", "dataset.download", "patience",
 }
 
 
@@ -59,6 +60,11 @@ def validate(cfg: DictConfig) -> None:
                      ("val_tasks", 1), ("test_tasks", 1), ("checkpoint_every", 1)):
         if cfg[key] < low:
             problems.append(f"{key} must be at least {low} (got {cfg[key]})")
+    for key, low in (("train_way", 1), ("train_shot", 1), ("train_query", 1), ("presentations", 1), ("hidden_size", 1), ("layers", 1)):
+        if key in cfg.algo and cfg.algo[key] < low:
+            problems.append(f"algo.{key} must be at least {low} (got {cfg.algo[key]})")
+    if cfg.get("patience") is not None and cfg.patience < 1:
+        problems.append(f"patience must be at least 1 or null (got {cfg.patience})")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems) + ".")
 
@@ -78,16 +84,38 @@ def build_tasks(cfg: DictConfig) -> Any:
     return _instantiate(cfg.dataset, "dataset")
 
 
-def build_model(cfg: DictConfig, tasks: Any) -> nn.Module:
-    """The network of ``cfg.model``, shaped for the task family and ``cfg.way``."""
+def build_model(cfg: DictConfig, tasks: Any, algorithm: Any) -> nn.Module:
+    """The network the algorithm needs, from ``cfg.model``, shaped for the task family and ``cfg.way``.
+
+    MAML gets the backbone with a head of ``way`` outputs (1 for regression),
+    ProtoNet the backbone without a head, and the recurrent learner an LSTM over
+    the head-less backbone.
+    """
+    outputs = cfg.way if tasks.kind.name == "classification" else 1
     if tasks.kind.name == "classification":
-        shape = {"in_channels": tasks.in_channels, "out_features": cfg.way, "image_size": tasks.image_size}
+        shape = {"in_channels": tasks.in_channels, "image_size": tasks.image_size}
     else:
-        shape = {"in_features": tasks.in_features, "out_features": 1}
+        shape = {"in_features": tasks.in_features}
+    if algorithm.network == "embedding" and tasks.kind.name != "classification":
+        raise UserError(f"algo={algorithm_name(cfg)} classifies by distances to class prototypes and needs a classification "
+                        f"dataset (dataset=omniglot); dataset={dataset_name(cfg)} is {tasks.kind.name}.")
     try:
-        return _instantiate(cfg.model, "model", **shape)
+        backbone = _instantiate(cfg.model, "model", **shape, out_features=outputs if algorithm.network == "classifier" else 0)
     except UserError as err:
         raise UserError(f"model {cfg.model._target_} does not fit dataset {cfg.dataset._target_}: {err}") from err
+    if algorithm.network == "recurrent":
+        input_size = tasks.in_features if tasks.kind.name != "classification" else tasks.in_channels * tasks.image_size ** 2
+        return algorithm.make_network(backbone, backbone.embedding_size, input_size, label_size=outputs, out_features=outputs)
+    return backbone
+
+
+def build_samplers(cfg: DictConfig, tasks: Any, algorithm: Any, device: torch.device) -> dict[str, Any]:
+    """One episode sampler per split, in the shape the algorithm trains and is scored on."""
+    samplers = {}
+    for split in ("train", "val", "test"):
+        way, shot, query = algorithm.episode_shape(split, cfg.way, cfg.shot, cfg.query)
+        samplers[split] = tasks.sampler(split, way, shot, query, device)
+    return samplers
 
 
 def build_algorithm(cfg: DictConfig) -> Any:
@@ -96,6 +124,79 @@ def build_algorithm(cfg: DictConfig) -> Any:
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     return _instantiate(cfg.optimizer, "optimizer")(model.parameters())
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """The learning-rate schedule of ``cfg.scheduler`` (stepped once per meta-update), or None."""
+    if cfg.get("scheduler") is None:
+        return None
+    return _instantiate(cfg.scheduler, "learning-rate scheduler")(optimizer)
+
+
+def algorithm_name(cfg: DictConfig) -> str:
+    return HydraChoice.get("algo") or cfg.algo._target_.rsplit(".", 1)[-1]
+
+
+def dataset_name(cfg: DictConfig) -> str:
+    return HydraChoice.get("dataset") or cfg.dataset._target_.rsplit(".", 1)[-1]
+
+
+INNER_LOOP_KEYS = ("inner_lr", "inner_steps", "test_inner_steps")
+
+
+def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: list[str] | None = None) -> None:
+    """Refuse inner-loop keys typed for an algorithm without an inner loop, so that a sweep over them is not a silent no-op.
+
+    Args:
+        overrides: the run's own overrides (``inner_steps=3``).
+        sweep: in a multirun, the overrides as typed (``algo=maml,protonet``, ``inner_steps=1,3``).
+            A single inner-loop value is then allowed when ``algo`` is swept too, because it is
+            meant for the members that have an inner loop; a swept inner-loop key never is.
+    """
+    used = set(cfg.algo.keys())
+    typed = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    unused = [key for key in INNER_LOOP_KEYS if key in typed and key not in used]
+    if sweep is not None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = {o.key_or_group.lstrip("+~"): o for o in OverridesParser.create().parse_overrides(sweep)}
+        algo_swept = "algo" in parsed and parsed["algo"].is_sweep_override()
+        unused = [key for key in unused if key not in parsed or parsed[key].is_sweep_override() or not algo_swept]
+        if algo_swept:
+            # Judge the whole sweep in its first run, before any member trains: a swept inner-loop key is
+            # refused if any swept algorithm lacks it.
+            choices = [str(c) for c in parsed["algo"].sweep_string_iterator()]
+            for key in INNER_LOOP_KEYS:
+                if key in parsed and parsed[key].is_sweep_override():
+                    lacking = [c for c in choices if key not in algo_config_keys(c)]
+                    if lacking:
+                        raise UserError(f"{key} is swept, but it does not apply to algo={','.join(lacking)}, which has no inner loop; "
+                                        f"sweep {key} in a separate multirun with the algorithms that have one (a sweep over it "
+                                        f"would train the same model again).")
+    if unused:
+        raise UserError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to algo={algorithm_name(cfg)}, "
+                        f"which has no inner loop; remove {' and '.join(f'{k}=...' for k in unused)} from the command "
+                        f"(a sweep over {'it' if len(unused) == 1 else 'them'} would train the same model again).")
+
+
+def algo_config_keys(name: str) -> set[str]:
+    """The keys that ``conf/algo/<name>.yaml`` sets (an empty set for an unknown name, which Hydra reports itself)."""
+    from maml_cli.config import config_dir
+
+    path = Path(config_dir()) / "algo" / f"{name}.yaml"
+    return set(OmegaConf.load(path).keys()) if path.is_file() else set()
+
+
+class HydraChoice:
+    """The group choices (``algo=protonet``) of the running Hydra app, when there is one."""
+
+    @staticmethod
+    def get(group: str) -> str | None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        return HydraConfig.get().runtime.choices.get(group)
 
 
 def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
@@ -122,10 +223,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 def hparams(cfg: DictConfig, tasks: Any) -> dict[str, Any]:
     """The hyperparameters shown in TensorBoard's HParams tab (scalars and strings only)."""
     keys = ["way", "shot", "query", "inner_lr", "outer_lr", "inner_steps", "test_inner_steps", "meta_batch_size", "iterations", "seed"]
+    # Inner-loop keys mean nothing to an algorithm without an inner loop; showing them would suggest they mattered.
+    keys = [k for k in keys if k not in INNER_LOOP_KEYS or k in cfg.algo]
     values: dict[str, Any] = {k: cfg[k] for k in keys}
     values["algo"] = cfg.algo._target_.rsplit(".", 1)[-1]
     values["dataset"] = cfg.dataset._target_.rsplit(".", 1)[-1]
-    values["model"] = cfg.model._target_.rsplit(".", 1)[-1]
+    values["model"] = "raw input" if cfg.algo.get("embedding") == "raw" else cfg.model._target_.rsplit(".", 1)[-1]
     values["split"] = tasks.split_name
     for key, value in flatten(cfg.algo).items():
         if key not in ("_target_",) and key not in keys and isinstance(value, (int, float, str, bool)):

@@ -26,6 +26,21 @@ class Split(str, enum.Enum):
     vinyals = "vinyals"
 
 
+class Distance(str, enum.Enum):
+    euclidean = "euclidean"
+    cosine = "cosine"
+
+
+class Embedding(str, enum.Enum):
+    backbone = "backbone"
+    raw = "raw"
+
+
+class Protocol(str, enum.Enum):
+    sequence = "sequence"
+    support_query = "support_query"
+
+
 @dataclass
 class MAMLConfig:
     _target_: str = "maml_cli.algorithms.maml.MAML"
@@ -33,6 +48,27 @@ class MAMLConfig:
     inner_steps: int = MISSING
     test_inner_steps: int = MISSING
     first_order: bool = False
+
+
+@dataclass
+class ProtoNetConfig:
+    _target_: str = "maml_cli.algorithms.protonet.ProtoNet"
+    distance: Distance = Distance.euclidean
+    cosine_scale: float = 10.0
+    train_way: int = MISSING
+    train_shot: int = MISSING
+    train_query: int = MISSING
+
+
+@dataclass
+class LSTMConfig:
+    _target_: str = "maml_cli.algorithms.lstm.RecurrentMetaLearner"
+    protocol: Protocol = Protocol.support_query
+    presentations: int = 10
+    hidden_size: int = 200
+    layers: int = 1
+    grad_clip: Optional[float] = 10.0
+    embedding: Embedding = Embedding.backbone
 
 
 @dataclass
@@ -65,6 +101,7 @@ class Conv4Config:
     _target_: str = "maml_cli.models.Conv4"
     hidden: int = 64
     batch_norm: BatchNormMode = BatchNormMode.batch
+    channels_last: bool = False
 
 
 @dataclass
@@ -88,6 +125,7 @@ class Config:
     dataset: Any = MISSING
     model: Any = MISSING
     optimizer: OptimizerConfig = MISSING
+    scheduler: Optional[Any] = None
     way: int = MISSING
     shot: int = MISSING
     query: int = MISSING
@@ -106,6 +144,7 @@ class Config:
     val_tasks: int = 100
     test_tasks: int = 600
     checkpoint_every: int = 500
+    patience: Optional[int] = None
     resume: Optional[str] = None
     force_resume: bool = False
     progress: bool = True
@@ -140,6 +179,8 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
     store.store(group="schema/algo", name="maml", node=MAMLConfig)
+    store.store(group="schema/algo", name="protonet", node=ProtoNetConfig)
+    store.store(group="schema/algo", name="lstm", node=LSTMConfig)
     store.store(group="schema/dataset", name="omniglot", node=OmniglotConfig)
     store.store(group="schema/dataset", name="sinusoid", node=SinusoidConfig)
     store.store(group="schema/model", name="conv4", node=Conv4Config)

@@ -3,11 +3,14 @@
 Usage::
 
     maml-eval checkpoint=outputs/runs/<run>/best.pt [test_tasks=600] [test_inner_steps=N]
-              [split=test|val] [shot=K] [query=Q] [eval_seed=0] [device=auto] [data_root=DIR]
+              [split=test|val] [way=N] [shot=K] [query=Q] [eval_seed=0] [device=auto] [data_root=DIR]
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
-regression) after each number of inner steps, and writes the same table as JSON
-next to the checkpoint.
+regression) after each number of inner steps (one row for algorithms without an
+inner loop), and by presentation index for a sequence-trained LSTM, and writes
+the same tables as JSON next to the checkpoint. ``way`` may differ from the
+run's only for algorithms whose network has no fixed number of outputs
+(ProtoNet: a model trained on 60-way episodes scores 5-way and 20-way ones).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from maml_cli.build import build_algorithm, build_model, build_tasks, resolve_device
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
-from maml_cli.loop import evaluate
+from maml_cli.loop import by_presentation, evaluate
 
 log = logging.getLogger("maml_cli")
 
@@ -37,6 +40,7 @@ class EvalConfig:
     test_tasks: Optional[int] = None  # default: the run's test_tasks
     test_inner_steps: Optional[int] = None  # default: the run's test_inner_steps
     eval_seed: Optional[int] = None  # default: the run's eval_seed
+    way: Optional[int] = None  # default: the run's way (ProtoNet can be scored at any way)
     shot: Optional[int] = None  # default: the run's shot (e.g. score a K=10-trained regressor with K=5)
     query: Optional[int] = None  # default: the run's query
     device: str = "auto"
@@ -64,7 +68,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
 def run_eval(args: EvalConfig) -> dict:
     state = load_checkpoint(Path(args.checkpoint), map_location="cpu")
     cfg = OmegaConf.create(state["config"])
-    for key in ("test_tasks", "test_inner_steps", "eval_seed", "shot", "query"):
+    for key in ("test_tasks", "test_inner_steps", "eval_seed", "way", "shot", "query"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if "test_inner_steps" in cfg.algo:
@@ -72,29 +76,43 @@ def run_eval(args: EvalConfig) -> dict:
     if args.data_root is not None and "root" in cfg.dataset:
         cfg.dataset.root = args.data_root
     device = resolve_device(args.device)
+    algorithm = build_algorithm(cfg)
     tasks = build_tasks(cfg)
-    sampler = tasks.sampler(args.split, cfg.way, cfg.shot, cfg.query, device)
-    model = build_model(cfg, tasks)
-    model.load_state_dict(state["model"])
+    way, shot, query = algorithm.episode_shape(args.split, cfg.way, cfg.shot, cfg.query)
+    sampler = tasks.sampler(args.split, way, shot, query, device)
+    model = build_model(cfg, tasks, algorithm)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        trained_way = state["config"]["way"]
+        raise UserError(f"the network in {args.checkpoint} does not fit way={cfg.way}: it was trained with way={trained_way} and "
+                        f"algo={cfg.algo._target_.rsplit('.', 1)[-1]} has a fixed number of outputs. Leave way unset or use way={trained_way}.") from err
     model.to(device)
-    results = evaluate(build_algorithm(cfg), model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device)
+    results = evaluate(algorithm, model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device)
+    metric = tasks.kind.metric
+    presentation = by_presentation(results[-1]).get(metric, {})
     return {
         "checkpoint": str(args.checkpoint), "iteration": state["iteration"], "split": args.split,
-        "dataset_split": tasks.split_name, "metric": tasks.kind.metric, "tasks": cfg.test_tasks, "eval_seed": cfg.eval_seed,
-        "way": cfg.way, "shot": cfg.shot, "query": cfg.query,
-        "by_inner_step": [{"inner_steps": k, "mean": m, "ci95": c} for k, (m, c) in enumerate(results)],
+        "dataset_split": tasks.split_name, "metric": metric, "tasks": cfg.test_tasks, "eval_seed": cfg.eval_seed,
+        "algo": cfg.algo._target_.rsplit(".", 1)[-1], "way": way, "shot": shot, "query": query,
+        "by_inner_step": [{"inner_steps": k, "mean": r[metric][0], "ci95": r[metric][1]} for k, r in enumerate(results)],
+        "by_presentation": [{"presentation": k, "mean": m, "ci95": c} for k, (m, c) in sorted(presentation.items())],
     }
 
 
 def format_table(report: dict) -> str:
     metric = report["metric"]
     lines = [
-        f"{report['checkpoint']} (iteration {report['iteration']}): meta-{report['split']} {metric}, "
+        f"{report['checkpoint']} (iteration {report['iteration']}, {report['algo']}): meta-{report['split']} {metric}, "
         f"{report['way']}-way {report['shot']}-shot, {report['tasks']} tasks, eval_seed={report['eval_seed']}, split={report['dataset_split']}",
         f"{'inner steps':>11}  {metric:>10}  {'95% CI':>8}",
     ]
     for row in report["by_inner_step"]:
         lines.append(f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {row['ci95']:>8.4f}")
+    if report["by_presentation"]:
+        lines.append(f"{'instance':>11}  {metric:>10}  {'95% CI':>8}")
+        for row in report["by_presentation"]:
+            lines.append(f"{row['presentation']:>11}  {row['mean']:>10.4f}  {row['ci95']:>8.4f}")
     return "\n".join(lines)
 
 

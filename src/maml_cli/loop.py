@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import signal
+from collections import defaultdict
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +23,11 @@ from maml_cli.tasks import Episode, EpisodeSampler, TaskKind
 log = logging.getLogger(__name__)
 
 
-def functional_forward(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
-    """``forward(params, x)``: the model evaluated with ``params`` instead of its own parameters."""
+def functional_forward(model: nn.Module) -> Callable[..., Any]:
+    """``forward(params, *inputs)``: the model evaluated with ``params`` instead of its own parameters."""
 
-    def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, params, (x,))
+    def forward(params: dict[str, Tensor], *inputs: Any) -> Any:
+        return functional_call(model, params, inputs)
 
     return forward
 
@@ -41,27 +43,40 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 
 
 def evaluate(algorithm: Any, model: nn.Module, sampler: EpisodeSampler, kind: TaskKind, n_tasks: int, seed: int,
-             device: torch.device) -> list[tuple[float, float]]:
+             device: torch.device) -> list[dict[str, tuple[float, float]]]:
     """Score the meta-parameters on ``n_tasks`` episodes drawn from a generator seeded with ``seed``.
 
     The episodes depend only on ``seed`` and the sampler, so every run and every
     algorithm is scored on the same tasks.
 
     Returns:
-        ``[(mean, ci95), ...]`` of ``kind.metric``, one entry per adaptation step
-        reported by the algorithm (0, 1, ..., ``test_inner_steps`` for MAML).
+        One dict per adaptation step reported by the algorithm (0, 1, ...,
+        ``test_inner_steps`` for MAML; a single one for ProtoNet and the LSTM),
+        mapping each metric (``kind.metric``, ``loss``, and any the algorithm adds)
+        to ``(mean, ci95)`` over the tasks.
     """
     generator = torch.Generator().manual_seed(seed)
     forward = functional_forward(model)
     params = dict(model.named_parameters())
-    per_step: list[list[float]] = []
+    per_step: list[dict[str, list[float]]] = []
     for _ in range(n_tasks):
         episode = sampler.sample(generator).to(device)
         for step, metrics in enumerate(algorithm.evaluate(forward, params, episode, kind.objective)):
             if step == len(per_step):
-                per_step.append([])
-            per_step[step].append(float(metrics[kind.metric]))
-    return [mean_ci95(values) for values in per_step]
+                per_step.append(defaultdict(list))
+            for name, value in metrics.items():
+                per_step[step][name].append(float(value))
+    return [{name: mean_ci95(values) for name, values in step.items()} for step in per_step]
+
+
+def by_presentation(metrics: dict[str, Any]) -> dict[str, dict[int, Any]]:
+    """``{"accuracy_instance_03": v}`` -> ``{"accuracy": {3: v}}``: metrics reported per presentation index."""
+    series: dict[str, dict[int, Any]] = defaultdict(dict)
+    for name, value in metrics.items():
+        match = re.fullmatch(r"(.+)_instance_(\d+)", name)
+        if match:
+            series[match.group(1)][int(match.group(2))] = value
+    return dict(series)
 
 
 class NonFiniteLoss(UserError):
@@ -134,6 +149,8 @@ class MetaTrainer:
     eval_seed: int
     config: dict[str, Any]
     scheduler: Any = None
+    grad_clip: float | None = None
+    patience: int | None = None
     progress: bool = True
     resume_hint: str = ""
     state: TrainState = field(default_factory=TrainState)
@@ -193,6 +210,8 @@ class MetaTrainer:
                 f"the meta-training loss became {means['loss']} at iteration {self.state.iteration + 1}; stopped instead of training on garbage. "
                 f"The last good checkpoint is {self._last_good()}. Try a smaller inner_lr or outer_lr."
             )
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -205,10 +224,12 @@ class MetaTrainer:
     # -- validation and test ----------------------------------------------
     def validate(self) -> float:
         results = evaluate(self.algorithm, self.model, self.val_sampler, self.kind, self.val_tasks, self.eval_seed, self.device)
-        value, ci = results[-1]
         step = self.state.iteration
-        self.writer.add_scalar(f"val/{self.kind.metric}", value, step)
-        self.writer.add_scalar(f"val/{self.kind.metric}_ci95", ci, step)
+        for name, (value, ci) in results[-1].items():
+            self.writer.add_scalar(f"val/{name}", value, step)
+            if name == self.kind.metric:
+                self.writer.add_scalar(f"val/{name}_ci95", ci, step)
+        value = results[-1][self.kind.metric][0]
         better = self.state.best_metric is None or (value > self.state.best_metric if self.kind.higher_is_better else value < self.state.best_metric)
         if better:
             self.state.best_metric, self.state.best_iteration = value, step
@@ -216,16 +237,28 @@ class MetaTrainer:
             self.save("best.pt")
         return value
 
-    def test(self) -> list[tuple[float, float]]:
+    def test(self) -> list[dict[str, tuple[float, float]]]:
         results = evaluate(self.algorithm, self.model, self.test_sampler, self.kind, self.test_tasks, self.eval_seed, self.device)
         metric = self.kind.metric
-        for inner_step, (value, ci) in enumerate(results):
+        for inner_step, step_results in enumerate(results):
+            value, ci = step_results[metric]
             self.writer.add_scalar(f"test/{metric}_by_inner_step", value, inner_step)
             self.writer.add_scalar(f"test/{metric}_ci95_by_inner_step", ci, inner_step)
-        value, ci = results[-1]
-        self.writer.add_scalar(f"test/{metric}", value, self.state.iteration)
-        self.writer.add_scalar(f"test/{metric}_ci95", ci, self.state.iteration)
+        final = results[-1]
+        for name, (value, ci) in final.items():
+            if re.fullmatch(r".+_instance_\d+", name):
+                continue
+            self.writer.add_scalar(f"test/{name}", value, self.state.iteration)
+            self.writer.add_scalar(f"test/{name}_ci95", ci, self.state.iteration)
+        for name, series in by_presentation(final).items():
+            for index, (value, ci) in sorted(series.items()):
+                self.writer.add_scalar(f"test/{name}_by_presentation", value, index)
+                self.writer.add_scalar(f"test/{name}_ci95_by_presentation", ci, index)
         return results
+
+    def stalled(self) -> bool:
+        """True when ``patience`` iterations have passed since the best meta-validation score."""
+        return bool(self.patience) and self.state.best_metric is not None and self.state.iteration - self.state.best_iteration >= self.patience
 
     # -- the loop -----------------------------------------------------------
     def train(self) -> bool:
@@ -248,11 +281,16 @@ class MetaTrainer:
                     window_start, window_tasks = time.perf_counter(), 0
                 if it % self.val_every == 0 or it == self.iterations:
                     self.validate()
+                    if self.stalled():
+                        log.info("meta-validation %s has not improved for %d iterations (best %.4f at iteration %d): stopping early",
+                                 self.kind.metric, self.patience, self.state.best_metric, self.state.best_iteration)
+                        self.save("last.pt")
+                        break
                 if it % self.checkpoint_every == 0 or it == self.iterations:
                     self.save("last.pt")
                 bar.update(1)
                 bar.set_postfix({
-                    **{name: f"{value:.4g}" for name, value in means.items()},
+                    **{name: f"{means[name]:.4g}" for name in dict.fromkeys(("loss", self.kind.metric)) if name in means},
                     "tasks/s": f"{self.meta_batch_size / step_seconds:.1f}",
                     "data": f"{100 * data_seconds / step_seconds:.0f}%",
                 }, refresh=False)

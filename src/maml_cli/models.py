@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -24,11 +25,14 @@ class BatchNormMode(str, enum.Enum):
 
 
 class BatchStatNorm(nn.Module):
-    """Batch normalisation over the current batch, with a learned scale and shift.
+    """Batch normalisation over the current batch, with a learned scale and shift and no running statistics.
 
-    Written from mean, variance and ``rsqrt`` instead of ``F.batch_norm``: under
-    ``vmap`` the batching rule of batch-norm backward gives wrong second-order
-    gradients, while these elementary ops are exact.
+    ``F.batch_norm`` in training mode without running buffers: the fused kernel is
+    about 1.6x faster than the same normalisation written from mean, variance and
+    ``rsqrt``, and its double backward is exact when tasks are processed one at a
+    time (the MAML finite-difference tests check it). Under ``vmap`` its batching
+    rule gives wrong second-order gradients; a batched-over-tasks path would need
+    the elementary formulation.
 
     Args:
         channels: number of feature channels (dimension 1 of the input).
@@ -42,11 +46,7 @@ class BatchStatNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
 
 
 def _norm(channels: int, mode: BatchNormMode) -> nn.Module:
@@ -69,6 +69,9 @@ class Conv4(nn.Module):
         hidden: filters per convolution.
         image_size: side of the square input images; sets the head's input size.
         batch_norm: which statistics batch normalisation uses.
+        channels_last: store the convolution weights channels-last. On CPU this makes
+            large batches (ProtoNet's 60-way episodes) about 1.4x faster and MAML's
+            small per-task batches about 1.2x slower, so it is off unless a preset turns it on.
 
     Example:
         >>> net = Conv4(1, 5)
@@ -83,6 +86,7 @@ class Conv4(nn.Module):
         hidden: int = 64,
         image_size: int = 28,
         batch_norm: BatchNormMode = BatchNormMode.batch,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         blocks = []
@@ -102,6 +106,8 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.embedding_size = hidden * side * side
         self.head = nn.Linear(self.embedding_size, out_features) if out_features > 0 else nn.Identity()
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -112,7 +118,7 @@ class MLP(nn.Module):
 
     Args:
         in_features: input size.
-        out_features: output size.
+        out_features: output size, or 0 for no output layer (the last hidden layer is the embedding).
         hidden: sizes of the hidden layers.
     """
 
@@ -123,8 +129,50 @@ class MLP(nn.Module):
         for width in hidden:
             layers += [nn.Linear(size, width), nn.ReLU()]
             size = width
-        layers.append(nn.Linear(size, out_features))
+        self.embedding_size = size
+        if out_features > 0:
+            layers.append(nn.Linear(size, out_features))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+class Identity(nn.Module):
+    """No network: the flattened input is the embedding (the recurrent learner on sinusoid reads x itself)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+
+class RecurrentLearner(nn.Module):
+    """A black-box meta-learner: an LSTM that reads a task as a sequence (Hochreiter et al. 2001; Santoro et al. 2016).
+
+    Each step sees an input's embedding together with a label channel (the previous
+    step's label, one-hot for classification, the target value for regression) and
+    predicts the current label. Everything it learns about a task lives in its state.
+
+    Args:
+        embedding: maps a batch of inputs ``(n, *item)`` to ``(n, embedding_size)``.
+        embedding_size: width of the embedding.
+        label_size: width of the label channel (the way, or 1 for regression).
+        out_features: outputs per step (the way, or 1 for regression).
+        hidden_size, layers: size and depth of the LSTM.
+    """
+
+    def __init__(self, embedding: nn.Module, embedding_size: int, label_size: int, out_features: int,
+                 hidden_size: int = 200, layers: int = 1) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.lstm = nn.LSTM(embedding_size + label_size, hidden_size, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, out_features)
+
+    def forward(self, x: Tensor, label_in: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Run ``(batch, steps, *item)`` inputs with ``(batch, steps, label_size)`` label channels.
+
+        Returns the per-step outputs ``(batch, steps, out_features)`` and the final LSTM state.
+        """
+        batch, steps = x.shape[:2]
+        features = self.embedding(x.reshape(batch * steps, *x.shape[2:])).reshape(batch, steps, -1)
+        hidden, state = self.lstm(torch.cat([features, label_in], dim=-1), state)
+        return self.head(hidden), state

@@ -19,16 +19,17 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from maml_cli import config as config_module
-from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_tasks, config_differences, flatten,
-                            hparams, resolve_device, validate)
+from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
+                            check_inner_loop_overrides, config_differences, flatten, hparams, resolve_device, validate)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
-from maml_cli.loop import MetaTrainer
+from maml_cli.loop import MetaTrainer, by_presentation
 
 log = logging.getLogger("maml_cli")
 
@@ -41,13 +42,14 @@ def resume_override(run_dir: Path) -> str:
     return shlex.quote(f"resume={value}")
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str] | None = None) -> float:
     """Meta-train as ``cfg`` says, writing everything under ``run_dir``.
 
     Returns:
         The final meta-test metric (accuracy, or MSE for regression), for sweepers.
     """
     validate(cfg)
+    check_inner_loop_overrides(cfg, overrides, sweep)
     device = resolve_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
@@ -63,11 +65,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
                             f"or add force_resume=true to continue anyway.")
 
     torch.manual_seed(cfg.seed)
-    tasks = build_tasks(cfg)
-    samplers = {split: tasks.sampler(split, cfg.way, cfg.shot, cfg.query, device) for split in ("train", "val", "test")}
-    model = build_model(cfg, tasks).to(device)
-    optimizer = build_optimizer(cfg, model)
     algorithm = build_algorithm(cfg)
+    tasks = build_tasks(cfg)
+    samplers = build_samplers(cfg, tasks, algorithm, device)
+    model = build_model(cfg, tasks, algorithm).to(device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
 
     start = resume_state["iteration"] if resume_state else 0
     # purge_step drops events a killed run logged after its last checkpoint, so curves continue without duplicates.
@@ -80,6 +83,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
         iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size, log_every=cfg.log_every,
         val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress,
+        scheduler=scheduler, grad_clip=getattr(algorithm, "grad_clip", None), patience=cfg.patience,
         resume_hint=" ".join(["maml-train", *(shlex.quote(o) for o in kept), resume_override(run_dir)]),
     )
     metric = tasks.kind.metric
@@ -101,11 +105,26 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
         results = trainer.test()
     finally:
         writer.close()
-    for inner_step, (value, ci) in enumerate(results):
+    for inner_step, step_results in enumerate(results):
+        value, ci = step_results[metric]
         log.info("meta-test %s after %d inner step(s): %.4f +- %.4f (95%% CI, %d tasks)", metric, inner_step, value, ci, cfg.test_tasks)
+    for name, series in by_presentation(results[-1]).items():
+        log.info("meta-test %s by presentation index: %s", name,
+                 ", ".join(f"{index}: {value:.4f} +- {ci:.4f}" for index, (value, ci) in sorted(series.items())))
     if trainer.state.best_metric is not None:
         log.info("best meta-validation %s: %.4f at iteration %d", metric, trainer.state.best_metric, trainer.state.best_iteration)
-    return results[-1][0]
+    return results[-1][metric][0]
+
+
+def sweep_overrides(hydra_cfg: DictConfig) -> list[str] | None:
+    """In a multirun, the overrides as the user typed them (``inner_steps=1,3``), read from the sweep's record."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    record = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    try:
+        return list(OmegaConf.load(record).hydra.overrides.task)
+    except Exception:  # no record: judge the run by its own overrides
+        return None
 
 
 config_module.register()
@@ -115,7 +134,7 @@ config_module.register()
 def _hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
-        return train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        return train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), sweep_overrides(hydra_cfg))
     except UserError as err:
         run_dir = Path(hydra_cfg.runtime.output_dir)
         if not cfg.resume and not any(run_dir.glob("*.pt")):

@@ -6,7 +6,7 @@ gradient step. The same :func:`adapt` runs at meta-training and at meta-test.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from torch import Tensor
 from maml_cli.tasks import Episode, Objective
 
 Params = dict[str, Tensor]
-Forward = Callable[[Params, Tensor], Tensor]
+Forward = Callable[..., Any]  # forward(params, *inputs): the network evaluated with params
 
 
 def adapt(
@@ -65,11 +65,17 @@ class MAML:
         >>> loss.backward()  # meta-gradient lands on params
     """
 
+    network = "classifier"
+
     def __init__(self, inner_lr: float, inner_steps: int, test_inner_steps: int, first_order: bool = False) -> None:
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.test_inner_steps = test_inner_steps
         self.first_order = first_order
+
+    def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
+        """MAML trains and is scored on the run's own episode shape (its head has ``way`` outputs)."""
+        return way, shot, query
 
     def meta_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
         """Adapt on the support set, then score the adapted parameters on the query set."""

@@ -10,8 +10,8 @@ from maml_cli.tasks import Episode
 
 def check_episode_size(way: int, shot: int, query: int, n_classes: int, images_per_class: int, where: str) -> None:
     """Raise :class:`EpisodeError` naming the numbers if a split cannot supply the episode."""
-    if way < 1 or shot < 1 or query < 1:
-        raise EpisodeError(f"way, shot and query must be at least 1 (got way={way}, shot={shot}, query={query}).")
+    if way < 1 or shot < 1 or query < 0:
+        raise EpisodeError(f"way and shot must be at least 1 and query at least 0 (got way={way}, shot={shot}, query={query}).")
     if way > n_classes:
         raise EpisodeError(
             f"way={way} needs {way} distinct classes per episode, but the {where} has only {n_classes} classes. "
@@ -29,8 +29,10 @@ class ClassImageSampler:
 
     Within an episode the ``way`` classes are distinct and so are the ``shot + query``
     images of each class. Classes are drawn in random order and labelled ``0..way-1``
-    in that order, so labels are permuted afresh in every episode. Every random
-    choice comes from the generator passed to :meth:`sample`.
+    in that order, so labels are permuted afresh in every episode. The support and
+    query sets come in shuffled order, so a model that reads them as a sequence
+    (``algo=lstm``) cannot rely on the order. Every random choice comes from the
+    generator passed to :meth:`sample`.
 
     Args:
         class_images: uint8 tensor ``(n_classes, images_per_class, C, H, W)``; kept on
@@ -56,9 +58,11 @@ class ClassImageSampler:
         images = self.class_images[classes.to(device)[:, None], picks.to(device)].float().div_(255)
         image_shape = images.shape[2:]
         labels = torch.arange(self.way, device=device)
+        support_order = torch.randperm(self.way * self.shot, generator=generator).to(device)
+        query_order = torch.randperm(self.way * self.query, generator=generator).to(device)
         return Episode(
-            support_x=images[:, : self.shot].reshape(-1, *image_shape),
-            support_y=labels.repeat_interleave(self.shot),
-            query_x=images[:, self.shot :].reshape(-1, *image_shape),
-            query_y=labels.repeat_interleave(self.query),
+            support_x=images[:, : self.shot].reshape(-1, *image_shape)[support_order],
+            support_y=labels.repeat_interleave(self.shot)[support_order],
+            query_x=images[:, self.shot :].reshape(-1, *image_shape)[query_order],
+            query_y=labels.repeat_interleave(self.query)[query_order],
         )

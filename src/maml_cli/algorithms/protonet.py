@@ -1,0 +1,84 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017).
+
+A class is represented by the mean embedding of its support images (its
+prototype); a query is scored by its negative squared Euclidean distance to each
+prototype, and the loss is the cross-entropy over those scores. There is no inner
+loop: ``inner_lr`` and ``inner_steps`` do not apply.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from maml_cli.algorithms.maml import Forward, Params
+from maml_cli.tasks import Episode, Objective
+
+DISTANCES = ("euclidean", "cosine")
+
+
+def prototypes(support_embeddings: Tensor, support_y: Tensor, way: int) -> Tensor:
+    """Mean support embedding of each class: ``(way, embedding_size)``."""
+    members = F.one_hot(support_y, way).to(support_embeddings.dtype)  # (n_support, way)
+    return (members.T @ support_embeddings) / members.sum(dim=0)[:, None]
+
+
+def prototype_logits(query_embeddings: Tensor, class_prototypes: Tensor, distance: str = "euclidean",
+                     cosine_scale: float = 10.0) -> Tensor:
+    """Scores ``(n_query, way)``: negative squared Euclidean distances, or scaled cosine similarities."""
+    if distance == "euclidean":
+        return -(query_embeddings[:, None, :] - class_prototypes[None, :, :]).pow(2).sum(dim=-1)
+    if distance == "cosine":
+        return cosine_scale * F.cosine_similarity(query_embeddings[:, None, :], class_prototypes[None, :, :], dim=-1)
+    raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+
+
+class ProtoNet:
+    """Prototypical Networks: classify queries by their distance to class-mean embeddings.
+
+    The network is the backbone without a head (conv4's flattened features). Support
+    and query images are embedded in one batch, as in the authors' code, so batch
+    normalisation sees the whole episode.
+
+    Args:
+        distance: ``euclidean`` (squared, as in the paper) or ``cosine``.
+        cosine_scale: multiplies cosine similarities, which lie in [-1, 1], to make usable logits.
+        train_way, train_shot, train_query: the shape of meta-training episodes
+            (e.g. 60-way with 5 queries for Omniglot, as in the paper); meta-validation
+            and meta-test use the run's ``way``/``shot``/``query``.
+
+    Example:
+        >>> protonet = ProtoNet(train_way=60, train_shot=1, train_query=5)
+        >>> loss, metrics = protonet.meta_loss(forward, params, episode, classification_objective)
+    """
+
+    network = "embedding"
+
+    def __init__(self, distance: str = "euclidean", cosine_scale: float = 10.0, train_way: int = 5,
+                 train_shot: int = 1, train_query: int = 1) -> None:
+        if distance not in DISTANCES:
+            raise ValueError(f"algo.distance={distance!r} is not one of {', '.join(DISTANCES)}")
+        self.distance = distance
+        self.cosine_scale = cosine_scale
+        self.train_way, self.train_shot, self.train_query = train_way, train_shot, train_query
+
+    def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
+        """Meta-training episodes have their own shape; the others use the run's."""
+        return (self.train_way, self.train_shot, self.train_query) if split == "train" else (way, shot, query)
+
+    def query_logits(self, forward: Forward, params: Params, episode: Episode) -> Tensor:
+        n_support = len(episode.support_x)
+        embeddings = forward(params, torch.cat([episode.support_x, episode.query_x]))
+        way = int(episode.support_y.max()) + 1
+        class_prototypes = prototypes(embeddings[:n_support], episode.support_y, way)
+        return prototype_logits(embeddings[n_support:], class_prototypes, self.distance, self.cosine_scale)
+
+    def meta_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
+        """Cross-entropy of the query set under the prototype scores."""
+        return objective(self.query_logits(forward, params, episode), episode.query_y)
+
+    def evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[dict[str, Tensor]]:
+        """Query metrics; a single entry, since there is no adaptation step."""
+        with torch.no_grad():
+            _, metrics = objective(self.query_logits(forward, params, episode), episode.query_y)
+        return [metrics]
