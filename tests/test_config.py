@@ -75,7 +75,9 @@ def test_lstm_on_sinusoid_reads_the_raw_input():
     cfg = compose_config(["algo=lstm", "dataset=sinusoid"])
     assert cfg.algo.embedding == "raw"
     _instantiate_all(cfg)
-    assert compose_config(["algo=lstm"]).algo.embedding == "backbone"
+    omniglot = compose_config(["algo=lstm"])
+    assert omniglot.algo.embedding == "backbone" and omniglot.model.batch_norm == "example"
+    assert compose_config(["algo=maml"]).model.batch_norm == "batch"
 
 
 def test_protonet_and_lstm_presets_hold_the_papers_protocols():

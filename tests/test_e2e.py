@@ -165,8 +165,9 @@ def test_every_algorithm_writes_the_tags_of_maml_and_is_scored_by_maml_eval(tmp_
     scalars = read_scalars(run)
     assert maml_tags <= set(scalars), sorted(maml_tags - set(scalars))
     assert steps(scalars, "test/accuracy_by_inner_step") == [0]  # no inner loop: one row
-    result = run_cli("maml-eval", [f"checkpoint={run / 'best.pt'}"], cwd=tmp_path)
-    assert abs(float(result.stdout.splitlines()[2].split()[1]) - scalars["test/accuracy_by_inner_step"][0][1]) < 1e-4 or "best.pt" in result.stdout
+    # The run's final test scored the final weights (last.pt) on the eval_seed episodes: maml-eval must agree.
+    result = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)
+    assert float(result.stdout.splitlines()[2].split()[1]) == pytest.approx(scalars["test/accuracy_by_inner_step"][0][1], abs=1e-4)
     if "algo.protocol=sequence" in algo_args:
         assert steps(scalars, "test/accuracy_by_presentation") == [1, 2, 3, 4]
         assert steps(scalars, "train/accuracy_instance_04") == [1, 2]
@@ -180,14 +181,17 @@ def test_protonet_scores_any_way_from_one_checkpoint_and_maml_refuses(tmp_path, 
     run = only_run(tmp_path)
     result = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}", "way=5"], cwd=tmp_path)
     assert "5-way 1-shot" in result.stdout and (run / "eval_last_test_5w1s.json").is_file()
+    no_inner_loop = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}", "test_inner_steps=3"], cwd=tmp_path, check=False)
+    assert no_inner_loop.returncode == 2 and "test_inner_steps does not apply to ProtoNet" in no_inner_loop.stderr
     (tmp_path / "m").mkdir()
     run_cli("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "m")
     refused = run_cli("maml-eval", [f"checkpoint={only_run(tmp_path / 'm') / 'last.pt'}", "way=5"], cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "trained with way=3" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_lstm_on_sinusoid_writes_the_regression_tags_of_maml(tmp_path):
-    run_cli("maml-train", [*SINE, "algo=lstm"], cwd=tmp_path)
+@pytest.mark.parametrize("protocol", ["support_query", "sequence"])
+def test_lstm_on_sinusoid_writes_the_regression_tags_of_maml(tmp_path, protocol):
+    run_cli("maml-train", [*SINE, "algo=lstm", f"algo.protocol={protocol}"], cwd=tmp_path)
     scalars = read_scalars(only_run(tmp_path))
     assert steps(scalars, "train/mse") == [1, 2, 3, 4] and steps(scalars, "val/mse") == [2, 4] and steps(scalars, "test/mse") == [4]
     assert "embedding: raw" in (only_run(tmp_path) / "config.yaml").read_text()
@@ -215,3 +219,22 @@ def test_multirun_over_the_three_algorithms(tmp_path, small_omniglot):
     assert [r.name.split(",")[0] for r in runs] == ["algo=lstm", "algo=maml", "algo=protonet"]
     for run in runs:
         assert steps(read_scalars(run), "test/accuracy") == [2] and (run / "last.pt").is_file()
+
+
+def test_patience_stops_early_and_the_final_test_scores_best_pt(tmp_path):
+    # A large outer_lr (0.03, measured) makes meta-validation worse after iteration 2, so patience stops the run;
+    # its final test must score best.pt, not the worse weights of last.pt.
+    result = run_cli("maml-train", [*SINE, "iterations=50", "val_every=1", "patience=2", "outer_lr=0.03"], cwd=tmp_path)
+    run = only_run(tmp_path)
+    scalars = read_scalars(run)
+    assert "has not improved for 2 iterations" in result.stderr + result.stdout
+    last_step = steps(scalars, "train/loss")[-1]
+    best_step = steps(scalars, "val/best_mse")[-1]
+    assert last_step < 50 and last_step - best_step == 2
+
+    def eval_mse(name):
+        report = run_cli("maml-eval", [f"checkpoint={run / name}"], cwd=tmp_path).stdout
+        return float([line.split() for line in report.splitlines() if line.split()[:1] == ["10"]][0][1])
+
+    assert eval_mse("best.pt") == pytest.approx(scalars["test/mse"][0][1], abs=1e-4)
+    assert eval_mse("last.pt") != pytest.approx(scalars["test/mse"][0][1], abs=1e-2)

@@ -114,3 +114,30 @@ def test_regression_feeds_the_previous_target_value():
     assert not torch.allclose(changed[3], outputs[3])
     loss, metrics = learner.meta_loss(forward, params, Episode(x, y, x[:0], y[:0]), regression_objective)
     assert loss.ndim == 0 and "mse" in metrics
+
+
+def test_with_conv4_an_earlier_step_never_sees_a_later_image_and_queries_stay_apart():
+    # The whole sequence is embedded in one batch, so conv4 must normalise each image on its own
+    # (model.batch_norm=example, the default for algo=lstm on Omniglot); batch statistics would mix steps.
+    from maml_cli.models import Conv4
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    for protocol in ("sequence", "support_query"):
+        learner = RecurrentMetaLearner(protocol=protocol, presentations=2, hidden_size=8)
+        backbone = Conv4(1, 0, hidden=4, image_size=16, batch_norm="example")
+        network = learner.make_network(backbone, backbone.embedding_size, 256, label_size=3, out_features=3)
+        forward, params = functional_forward(network), dict(network.named_parameters())
+        x, y = torch.rand(6, 1, 16, 16, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+        query_x, query_y = torch.rand(3, 1, 16, 16, generator=g), torch.tensor([2, 0, 1])
+        outputs, _ = learner.predictions(forward, params, Episode(x, y, query_x, query_y))
+        later_x, other_query_x = x.clone(), query_x.clone()
+        later_x[-1] = torch.rand(1, 16, 16, generator=g)
+        other_query_x[1:] = torch.rand(2, 1, 16, 16, generator=g)
+        if protocol == "sequence":
+            changed, _ = learner.predictions(forward, params, Episode(later_x, y, query_x, query_y))
+            torch.testing.assert_close(changed[:-1], outputs[:-1], rtol=0, atol=0)
+        else:
+            changed, _ = learner.predictions(forward, params, Episode(x, y, other_query_x, query_y))
+            torch.testing.assert_close(changed[0], outputs[0], rtol=0, atol=0)
+        assert not torch.allclose(changed, outputs)

@@ -161,11 +161,16 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
 
         parsed = {o.key_or_group.lstrip("+~"): o for o in OverridesParser.create().parse_overrides(sweep)}
         algo_swept = "algo" in parsed and parsed["algo"].is_sweep_override()
-        unused = [key for key in unused if key not in parsed or parsed[key].is_sweep_override() or not algo_swept]
+        choices = [str(c) for c in parsed["algo"].sweep_string_iterator()] if algo_swept else []
+
+        def meant_for_another_member(key: str) -> bool:
+            return (key in parsed and not parsed[key].is_sweep_override()
+                    and any(key in algo_config_keys(choice) for choice in choices))
+
+        unused = [key for key in unused if not meant_for_another_member(key)]
         if algo_swept:
             # Judge the whole sweep in its first run, before any member trains: a swept inner-loop key is
             # refused if any swept algorithm lacks it.
-            choices = [str(c) for c in parsed["algo"].sweep_string_iterator()]
             for key in INNER_LOOP_KEYS:
                 if key in parsed and parsed[key].is_sweep_override():
                     lacking = [c for c in choices if key not in algo_config_keys(c)]

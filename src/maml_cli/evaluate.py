@@ -73,6 +73,9 @@ def run_eval(args: EvalConfig) -> dict:
             cfg[key] = getattr(args, key)
     if "test_inner_steps" in cfg.algo:
         cfg.algo.test_inner_steps = cfg.test_inner_steps
+    elif args.test_inner_steps is not None:
+        raise UserError(f"test_inner_steps does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; "
+                        f"leave it out.")
     if args.data_root is not None and "root" in cfg.dataset:
         cfg.dataset.root = args.data_root
     device = resolve_device(args.device)

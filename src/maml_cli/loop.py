@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from maml_cli.checkpoint import save_checkpoint
+from maml_cli.checkpoint import load_checkpoint, save_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.tasks import Episode, EpisodeSampler, TaskKind
 
@@ -285,6 +285,9 @@ class MetaTrainer:
                         log.info("meta-validation %s has not improved for %d iterations (best %.4f at iteration %d): stopping early",
                                  self.kind.metric, self.patience, self.state.best_metric, self.state.best_iteration)
                         self.save("last.pt")
+                        # Score the model that stopping chose, not the one patience iterations past it.
+                        self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+                        log.info("the final meta-test scores best.pt (iteration %d)", self.state.best_iteration)
                         break
                 if it % self.checkpoint_every == 0 or it == self.iterations:
                     self.save("last.pt")

@@ -14,14 +14,20 @@ from torch import Tensor, nn
 
 
 class BatchNormMode(str, enum.Enum):
-    """Which statistics batch normalisation uses.
+    """Which statistics the normalisation layers of conv4 use.
 
     ``batch``: the statistics of the batch being normalised, at meta-training and
     meta-test alike, with no running averages (Finn et al. 2017). The support set
     and the query set of a task are therefore normalised separately.
+
+    ``example``: each example over its own channels and positions (a group norm
+    with one group), so an output never depends on the other inputs of the batch.
+    The recurrent learner needs this: it embeds a whole sequence in one batch,
+    and with batch statistics a later image would change an earlier step's output.
     """
 
     batch = "batch"
+    example = "example"
 
 
 class BatchStatNorm(nn.Module):
@@ -46,13 +52,26 @@ class BatchStatNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == x.shape[1]:
+            # One value per channel is its own mean: it normalises to zero (F.batch_norm refuses it).
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            return (x - x) * self.weight.view(shape) + self.bias.view(shape)
         return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+
+
+class ExampleNorm(BatchStatNorm):
+    """Normalisation of each example over its channels and positions, with a learned per-channel scale and shift."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
 
 
 def _norm(channels: int, mode: BatchNormMode) -> nn.Module:
     mode = BatchNormMode(mode)
     if mode is BatchNormMode.batch:
         return BatchStatNorm(channels)
+    if mode is BatchNormMode.example:
+        return ExampleNorm(channels)
     raise ValueError(f"unknown batch-norm mode {mode!r}")  # pragma: no cover - enum is exhaustive
 
 

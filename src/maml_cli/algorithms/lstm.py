@@ -16,6 +16,10 @@ Two protocols:
   classified from the state after the support set, in one step whose label
   channel holds the last support label (queries do not see each other). This
   gives an N-way K-shot accuracy comparable to MAML's and ProtoNet's.
+
+A sequence is embedded in one batch, so the embedding must treat each input on
+its own for the above to hold: on Omniglot conv4 normalises each image by itself
+(``model.batch_norm=example``, set for ``algo=lstm`` in ``conf/algo_dataset/``).
 """
 from __future__ import annotations
 

@@ -61,6 +61,6 @@ class SinusoidTasks:
         """An episode sampler; ``way`` must be 1 because a regression task has no classes."""
         if way != 1:
             raise EpisodeError(f"dataset=sinusoid is regression and has no classes: way must be 1 (got way={way}).")
-        if shot < 1 or query < 1:
-            raise EpisodeError(f"shot and query must be at least 1 (got shot={shot}, query={query}).")
+        if shot < 1 or query < 0:
+            raise EpisodeError(f"shot must be at least 1 and query at least 0 (got shot={shot}, query={query}).")
         return SinusoidSampler(shot, query, self.amplitude, self.phase, self.x_range, device)
