@@ -71,18 +71,24 @@ def test_multirun_writes_one_named_run_per_value(tmp_path):
         assert f"inner_steps: {inner_steps}" in (run / "config.yaml").read_text()
 
 
-def test_resume_continues_from_the_saved_iteration_and_matches_an_uninterrupted_run(tmp_path, small_omniglot):
+# ProtoNet with a learning-rate schedule (its state must be restored too) and 6-way training episodes.
+PROTONET_SCHEDULED = ["algo=protonet", "algo.train_way=6", "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
+                      "+scheduler._partial_=true", "+scheduler.step_size=2", "+scheduler.gamma=0.5"]
+
+
+@pytest.mark.parametrize("algo_args", [[], PROTONET_SCHEDULED], ids=["maml", "protonet-scheduled"])
+def test_resume_continues_from_the_saved_iteration_and_matches_an_uninterrupted_run(tmp_path, small_omniglot, algo_args):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    run_cli("maml-train", omniglot_args(small_omniglot, 3), cwd=tmp_path / "a")
+    run_cli("maml-train", omniglot_args(small_omniglot, 3, *algo_args), cwd=tmp_path / "a")
     first = only_run(tmp_path / "a")
     assert torch.load(first / "last.pt", weights_only=True)["iteration"] == 3
-    result = run_cli("maml-train", omniglot_args(small_omniglot, 6, f"resume={first}"), cwd=tmp_path / "a")
+    result = run_cli("maml-train", omniglot_args(small_omniglot, 6, *algo_args, f"resume={first}"), cwd=tmp_path / "a")
     assert "resumed" in result.stdout + result.stderr and only_run(tmp_path / "a") == first
     assert torch.load(first / "last.pt", weights_only=True)["iteration"] == 6
     resumed = read_scalars(first)
     assert steps(resumed, "train/loss") == [1, 2, 3, 4, 5, 6]
 
-    run_cli("maml-train", omniglot_args(small_omniglot, 6), cwd=tmp_path / "b")
+    run_cli("maml-train", omniglot_args(small_omniglot, 6, *algo_args), cwd=tmp_path / "b")
     straight = read_scalars(only_run(tmp_path / "b"))
     assert resumed["train/loss"] == straight["train/loss"]
     assert resumed["test/accuracy"][-1][1] == straight["test/accuracy"][-1][1]

@@ -1,0 +1,50 @@
+"""Ctrl-C and SIGTERM stop a run cleanly, and the printed resume command continues it to the same curve."""
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import console_script, read_scalars, run_cli, run_dirs
+
+ARGS = ["dataset=sinusoid", "iterations=1500", "meta_batch_size=2", "progress=false", "val_every=500", "val_tasks=2",
+        "test_tasks=3", "checkpoint_every=50", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("straight")
+    run_cli("maml-train", ARGS, cwd=cwd)
+    (run,) = run_dirs(cwd)
+    return read_scalars(run)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_last_pt_and_the_printed_resume_command_reproduces_the_uninterrupted_run(tmp_path, uninterrupted, sig):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([console_script("maml-train"), *ARGS], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    # The first checkpoint (iteration 50) says training is under way; 1,450 iterations remain.
+    while not list((tmp_path / "outputs").rglob("last.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    assert f"stopped by {sig.name} after iteration" in output and "Traceback" not in output
+    (run,) = run_dirs(tmp_path)
+    stopped_at = torch.load(run / "last.pt", weights_only=True)["iteration"]
+    assert 50 <= stopped_at < 1500
+
+    resume_command = shlex.split(output.split("Resume with: ", 1)[1].splitlines()[0])
+    assert resume_command[0] == "maml-train" and f"resume={run}" in resume_command
+    run_cli("maml-train", resume_command[1:], cwd=tmp_path)
+    resumed = read_scalars(run)
+    # Every step once, with the values of the run that was never stopped, up to the final test.
+    assert resumed["train/loss"] == uninterrupted["train/loss"]
+    assert resumed["val/mse"] == uninterrupted["val/mse"]
+    assert resumed["test/mse_by_inner_step"] == uninterrupted["test/mse_by_inner_step"]
