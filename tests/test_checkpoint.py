@@ -1,0 +1,64 @@
+"""Checkpoints: written atomically, loaded without running code, and unreadable ones reported by path."""
+import pytest
+import torch
+
+from conftest import run_cli
+from maml_cli import checkpoint as checkpoint_module
+from maml_cli.checkpoint import load_checkpoint, save_checkpoint
+from maml_cli.errors import UserError
+
+
+class RunsCode:
+    """Unpickling this object would create the file named by ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "owned"
+    torch.save({"format": "maml-cli-checkpoint", "version": 1, "payload": RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="was refused: it holds objects other than tensors"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_reported_with_its_path(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"iteration": 3, "model": {"w": torch.randn(100, 100)}}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(UserError, match=f"checkpoint {path} cannot be read; it may be truncated"):
+        load_checkpoint(path)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"iteration": 1, "model": {"w": torch.ones(3)}}, path)
+
+    def crash_half_way(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"iteration": 2, "model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "a temporary file was left behind"
+
+
+def test_a_file_that_is_not_a_maml_cli_checkpoint_is_named(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="is not a maml-cli checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_non_finite_loss_stops_the_run_at_once_with_a_hint(tmp_path):
+    result = run_cli("maml-train", ["dataset=sinusoid", "inner_lr=1e30", "iterations=20", "progress=false"], cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the meta-training loss became" in result.stderr and "at iteration 1;" in result.stderr
+    assert "Try a smaller inner_lr or outer_lr" in result.stderr and "none (no checkpoint was written yet)" in result.stderr
+    assert not list((tmp_path / "outputs").rglob("config.yaml")), "a run that trained nothing was left behind"
