@@ -62,3 +62,16 @@ def test_a_non_finite_loss_stops_the_run_at_once_with_a_hint(tmp_path):
     assert "the meta-training loss became" in result.stderr and "at iteration 1;" in result.stderr
     assert "Try a smaller inner_lr or outer_lr" in result.stderr and "none (no checkpoint was written yet)" in result.stderr
     assert not list((tmp_path / "outputs").rglob("config.yaml")), "a run that trained nothing was left behind"
+
+
+def test_resuming_from_a_damaged_last_pt_names_the_checkpoint_that_still_loads(tmp_path):
+    args = ["dataset=sinusoid", "iterations=4", "meta_batch_size=3", "progress=false", "val_every=2", "val_tasks=4", "test_tasks=5"]
+    run_cli("maml-train", args, cwd=tmp_path)
+    (run,) = [p.parent for p in (tmp_path / "outputs").rglob("last.pt")]
+    best_iteration = torch.load(run / "best.pt", weights_only=True)["iteration"]
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:300])
+    result = run_cli("maml-train", [*args, f"resume={run}"], cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"checkpoint {run / 'last.pt'} cannot be read; it may be truncated" in result.stderr
+    assert f"The run's {run / 'best.pt'} (iteration {best_iteration}) loads" in result.stderr
+    assert (run / "best.pt").exists(), "a failed resume must not remove the run"

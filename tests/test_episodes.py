@@ -83,6 +83,7 @@ def test_same_seed_same_episodes_different_seed_different_episodes():
     (13, 1, 1, "way=13 needs 13 distinct classes per episode, but the meta-test split has only 12 classes"),
     (5, 15, 6, "shot + query = 15 + 6 = 21 distinct images per class, but each class of the meta-test split has only 20 images"),
     (5, 0, 1, "way and shot must be at least 1 and query at least 0"),
+    (1, 1, 1, "way=1 in the meta-test split: a classification task needs at least 2 classes"),
 ])
 def test_impossible_episode_raises_naming_the_numbers(way, shot, query, message):
     images, _ = labelled_images()

@@ -48,3 +48,22 @@ def test_a_signal_saves_last_pt_and_the_printed_resume_command_reproduces_the_un
     assert resumed["train/loss"] == uninterrupted["train/loss"]
     assert resumed["val/mse"] == uninterrupted["val/mse"]
     assert resumed["test/mse_by_inner_step"] == uninterrupted["test/mse_by_inner_step"]
+
+
+def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tmp_path):
+    # Iterations of 3,000 tasks take seconds, so the second SIGINT lands inside one.
+    args = ["dataset=sinusoid", "iterations=100", "meta_batch_size=3000", "progress=false", "checkpoint_every=1", "val_every=100"]
+    process = subprocess.Popen([console_script("maml-train"), *args], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "outputs").rglob("last.pt")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in output, output[-3000:]
+    assert "maml-train: interrupted;" in output and "last.pt (written before the interrupt) is kept" in output
+    (run,) = run_dirs(tmp_path)
+    assert torch.load(run / "last.pt", weights_only=True)["iteration"] >= 1

@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -42,6 +43,20 @@ def resume_override(run_dir: Path) -> str:
     return shlex.quote(f"resume={value}")
 
 
+def load_resume_state(run_dir: Path) -> dict:
+    """``last.pt`` of ``run_dir``; if it does not load, the error names the run's other checkpoint that does."""
+    try:
+        return load_checkpoint(run_dir / "last.pt", map_location="cpu")
+    except UserError as err:
+        fallback = run_dir / "best.pt"
+        try:
+            iteration = load_checkpoint(fallback, map_location="cpu")["iteration"]
+            hint = f" The run's {fallback} (iteration {iteration}) loads: copy it over last.pt to resume from there."
+        except UserError:
+            hint = " No other checkpoint of this run loads."
+        raise UserError(f"cannot resume {run_dir}: {err}{hint}") from err
+
+
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str] | None = None) -> float:
     """Meta-train as ``cfg`` says, writing everything under ``run_dir``.
 
@@ -57,7 +72,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     if not cfg.resume and (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); to continue it pass {resume_override(run_dir)}, or start the new run a second later.")
     if cfg.resume:
-        resume_state = load_checkpoint(Path(cfg.resume) / "last.pt", map_location="cpu")
+        resume_state = load_resume_state(Path(cfg.resume))
         differences = config_differences(flatten(resume_state["config"]), flatten(config))
         if differences and not cfg.force_resume:
             raise UserError(f"resume={cfg.resume}: the config differs from the run's in ways that change results: "
@@ -133,15 +148,23 @@ config_module.register()
 @hydra.main(version_base="1.3", config_path=config_module.config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), sweep_overrides(hydra_cfg))
+        return train(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_overrides(hydra_cfg))
     except UserError as err:
-        run_dir = Path(hydra_cfg.runtime.output_dir)
         if not cfg.resume and not any(run_dir.glob("*.pt")):
             # Nothing was trained: leave no directory that could pass for a run.
             shutil.rmtree(run_dir, ignore_errors=True)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         print(f"maml-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        # A second Ctrl-C: quit at once, keeping whatever checkpoint was last written whole.
+        last = run_dir / "last.pt"
+        kept = f"{last} (written before the interrupt) is kept" if last.exists() else "no checkpoint was written"
+        print(f"maml-train: interrupted; {kept}.", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def main() -> None:

@@ -10,6 +10,9 @@ from maml_cli.tasks import Episode
 
 def check_episode_size(way: int, shot: int, query: int, n_classes: int, images_per_class: int, where: str) -> None:
     """Raise :class:`EpisodeError` naming the numbers if a split cannot supply the episode."""
+    if way == 1:
+        raise EpisodeError(f"way=1 in the {where}: a classification task needs at least 2 classes. Use way>=2 "
+                           f"(and algo.train_way>=2 for ProtoNet).")
     if way < 1 or shot < 1 or query < 0:
         raise EpisodeError(f"way and shot must be at least 1 and query at least 0 (got way={way}, shot={shot}, query={query}).")
     if way > n_classes:
