@@ -75,3 +75,31 @@ def test_resuming_from_a_damaged_last_pt_names_the_checkpoint_that_still_loads(t
     assert f"checkpoint {run / 'last.pt'} cannot be read; it may be truncated" in result.stderr
     assert f"The run's {run / 'best.pt'} (iteration {best_iteration}) loads" in result.stderr
     assert (run / "best.pt").exists(), "a failed resume must not remove the run"
+
+
+def test_kill_9_at_any_moment_leaves_a_whole_last_pt(tmp_path):
+    # checkpoint_every=1 writes last.pt every few milliseconds, so a SIGKILL lands in or near a write.
+    import os
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from conftest import console_script
+
+    args = ["dataset=sinusoid", "iterations=100000", "meta_batch_size=1", "progress=false", "checkpoint_every=1", "val_every=100000"]
+    rng = random.Random(0)
+    for attempt in range(4):
+        cwd = tmp_path / str(attempt)
+        cwd.mkdir()
+        process = subprocess.Popen([console_script("maml-train"), *args], cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list((cwd / "outputs").rglob("last.pt")):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        (last,) = (cwd / "outputs").rglob("last.pt")
+        assert load_checkpoint(last)["iteration"] >= 1

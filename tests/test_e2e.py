@@ -94,11 +94,17 @@ def test_resume_continues_from_the_saved_iteration_and_matches_an_uninterrupted_
     assert resumed["test/accuracy"][-1][1] == straight["test/accuracy"][-1][1]
 
 
-def test_resume_with_a_config_that_changes_results_is_refused(tmp_path):
+def test_resume_with_a_config_that_changes_results_is_refused_unless_forced(tmp_path):
     run_cli("maml-train", SINE, cwd=tmp_path)
     run = only_run(tmp_path)
-    result = run_cli("maml-train", [*SINE, "inner_lr=0.5", f"resume={run}"], cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "inner_lr: 0.01 -> 0.5" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("maml-train", [*SINE, "inner_lr=0.5", "shot=5", f"resume={run}"], cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "inner_lr: 0.01 -> 0.5" in result.stderr and "shot: 10 -> 5" in result.stderr
+    other_algo = run_cli("maml-train", [*SINE, "algo=lstm", f"resume={run}"], cwd=tmp_path, check=False)
+    assert other_algo.returncode == 2
+    assert "algo._target_: 'maml_cli.algorithms.maml.MAML' -> 'maml_cli.algorithms.lstm.RecurrentMetaLearner'" in other_algo.stderr
+    forced = run_cli("maml-train", [*SINE, "inner_lr=0.5", "iterations=6", f"resume={run}", "force_resume=true"], cwd=tmp_path)
+    assert "resumed" in forced.stdout + forced.stderr and steps(read_scalars(run), "train/loss") == [1, 2, 3, 4, 5, 6]
 
 
 def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small_omniglot):

@@ -142,3 +142,10 @@ def test_real_omniglot_zips_placed_by_hand_are_extracted_verified_and_split(tmp_
     assert tasks.images.shape == (1623, 20, 28, 28)
     assert {k: len(v) for k, v in tasks.classes.items()} == {"val": 400, "test": 1692, "train": 4400}
     assert tasks.listing.characters[0] == "Alphabet_of_the_Magi/character01"
+
+
+def test_a_data_root_that_is_a_file_is_named_as_such(tmp_path):
+    not_a_folder = tmp_path / "data.txt"
+    not_a_folder.write_text("not a folder")
+    with pytest.raises(DataError, match=f"data_root={not_a_folder} is a file, not a folder"):
+        ensure_files(not_a_folder, download=False)

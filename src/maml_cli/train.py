@@ -103,6 +103,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     )
     metric = tasks.kind.metric
     if resume_state:
+        for stale in run_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by kill -9
+            stale.unlink(missing_ok=True)
         trainer.restore(resume_state)
         log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
     else:

@@ -191,6 +191,9 @@ def ensure_files(root: Path, download: bool = True, check_counts: bool = True) -
             the message lists what is missing and how to place the files.
     """
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data_root={root} is a file, not a folder. Point data_root (or MAML_CLI_DATA) at the folder "
+                        f"that holds omniglot-py/, or use dataset=sinusoid, which needs no data.")
     characters: list[str] = []
     files: list[list[Path]] = []
     n_background = 0
