@@ -142,10 +142,14 @@ def test_a_config_file_with_a_misspelt_key_is_rejected(tmp_path):
     ("outer_lr=0", "outer_lr must be positive"),
     ("meta_batch_size=0", "meta_batch_size must be at least 1"),
     ("inner_steps=-1", "inner_steps must be at least 0"),
+    ("shot=0", "shot must be at least 1"),
+    ("query=0", "query must be at least 1"),
+    ("algo=protonet algo.train_shot=0", "algo.train_shot must be at least 1"),
+    ("patience=0", "patience must be at least 1 or null"),
 ])
 def test_out_of_range_values_are_user_errors(override, message):
     with pytest.raises(UserError, match=message):
-        validate(compose_config([override]))
+        validate(compose_config(override.split()))
 
 
 def test_data_root_defaults_to_env_var_then_user_cache(monkeypatch, tmp_path):

@@ -257,3 +257,14 @@ def test_bad_input_is_one_paragraph_unless_hydra_full_error_asks_for_the_traceba
     assert short.returncode == 2 and short.stderr.strip() == "maml-train: error: invalid config: inner_lr must be positive (got -1.0)."
     full = run_cli("maml-train", ["dataset=sinusoid", "inner_lr=-1"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}, check=False)
     assert full.returncode != 0 and "Traceback" in full.stderr and "inner_lr must be positive" in full.stderr
+
+
+@pytest.mark.parametrize("group,choices", [("algo", ["lstm", "maml", "protonet"]), ("dataset", ["omniglot", "sinusoid"]),
+                                           ("model", ["conv4", "mlp"])])
+def test_an_unknown_group_choice_lists_the_choices(tmp_path, group, choices):
+    result = run_cli("maml-train", [f"{group}=nope"], cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"Could not find '{group}/nope'" in result.stderr
+    listed = result.stderr.split(f"Available options in '{group}':", 1)[1].split()[: len(choices)]
+    assert listed == choices
+    assert not (tmp_path / "outputs").exists()
