@@ -103,3 +103,29 @@ def test_kill_9_at_any_moment_leaves_a_whole_last_pt(tmp_path):
         process.wait(timeout=60)
         (last,) = (cwd / "outputs").rglob("last.pt")
         assert load_checkpoint(last)["iteration"] >= 1
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint\n", bytes(300), bytes(range(256)) * 4],
+                         ids=["empty", "text", "zeros", "random"])
+def test_damaged_files_are_reported_as_unreadable_not_as_malicious(tmp_path, content):
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=f"checkpoint {path} cannot be read; it may be truncated or not a checkpoint"):
+        load_checkpoint(path)
+
+
+def test_resuming_clears_the_temporary_file_of_a_write_cut_short(tmp_path):
+    args = ["dataset=sinusoid", "meta_batch_size=3", "progress=false", "val_every=2", "val_tasks=4", "test_tasks=5"]
+    run_cli("maml-train", [*args, "iterations=4"], cwd=tmp_path)
+    (run,) = [p.parent for p in (tmp_path / "outputs").rglob("last.pt")]
+    leftovers = [run / ".last.pt.k9x2.tmp", run / ".best.pt.a1b2.tmp"]  # the names save_checkpoint's mkstemp gives
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a checkpoint")
+    run_cli("maml-train", [*args, "iterations=5", f"resume={run}"], cwd=tmp_path)
+    assert not any(p.exists() for p in leftovers) and load_checkpoint(run / "last.pt")["iteration"] == 5
+
+
+def test_resume_of_a_folder_that_is_not_a_run_says_so_and_leaves_nothing(tmp_path):
+    result = run_cli("maml-train", ["dataset=sinusoid", "resume=outputs/runs/typo"], cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "resume=outputs/runs/typo is not a run directory" in result.stderr
+    assert not (tmp_path / "outputs" / "runs" / "typo").exists()

@@ -22,8 +22,8 @@ def uninterrupted(tmp_path_factory):
     return read_scalars(run)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_saves_last_pt_and_the_printed_resume_command_reproduces_the_uninterrupted_run(tmp_path, uninterrupted, sig):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_stopped_run_resumes_to_the_curve_of_the_uninterrupted_run(tmp_path, uninterrupted, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([console_script("maml-train"), *ARGS], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -32,16 +32,21 @@ def test_a_signal_saves_last_pt_and_the_printed_resume_command_reproduces_the_un
     while not list((tmp_path / "outputs").rglob("last.pt")):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
         time.sleep(0.02)
+    if sig == signal.SIGKILL:
+        time.sleep(0.5)  # let it log past its last checkpoint: resuming must drop those events, not repeat them
     process.send_signal(sig)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, output[-3000:]
-    assert f"stopped by {sig.name} after iteration" in output and "Traceback" not in output
     (run,) = run_dirs(tmp_path)
     stopped_at = torch.load(run / "last.pt", weights_only=True)["iteration"]
     assert 50 <= stopped_at < 1500
-
-    resume_command = shlex.split(output.split("Resume with: ", 1)[1].splitlines()[0])
-    assert resume_command[0] == "maml-train" and f"resume={run}" in resume_command
+    if sig == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+        resume_command = ["maml-train", *ARGS, f"resume={run}"]
+    else:
+        assert process.returncode == 130, output[-3000:]
+        assert f"stopped by {sig.name} after iteration" in output and "Traceback" not in output
+        resume_command = shlex.split(output.split("Resume with: ", 1)[1].splitlines()[0])
+        assert resume_command[0] == "maml-train" and f"resume={run}" in resume_command
     run_cli("maml-train", resume_command[1:], cwd=tmp_path)
     resumed = read_scalars(run)
     # Every step once, with the values of the run that was never stopped, up to the final test.
@@ -51,7 +56,7 @@ def test_a_signal_saves_last_pt_and_the_printed_resume_command_reproduces_the_un
 
 
 def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tmp_path):
-    # Iterations of 3,000 tasks take seconds, so the second SIGINT lands inside one.
+    # Iterations of 3,000 tasks take seconds; the second SIGINT follows the first as soon as its warning is printed.
     args = ["dataset=sinusoid", "iterations=100", "meta_batch_size=3000", "progress=false", "checkpoint_every=1", "val_every=100"]
     process = subprocess.Popen([console_script("maml-train"), *args], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -59,11 +64,20 @@ def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tmp_path):
     while not list((tmp_path / "outputs").rglob("last.pt")):
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
+    (run,) = run_dirs(tmp_path)
+    before = torch.load(run / "last.pt", weights_only=True)["iteration"]
     process.send_signal(signal.SIGINT)
-    time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=60)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "SIGINT received" in line:
+            sent = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + process.communicate(timeout=60)[0]
+    quit_seconds = time.monotonic() - sent
     assert process.returncode == 130 and "Traceback" not in output, output[-3000:]
     assert "maml-train: interrupted;" in output and "last.pt (written before the interrupt) is kept" in output
-    (run,) = run_dirs(tmp_path)
-    assert torch.load(run / "last.pt", weights_only=True)["iteration"] >= 1
+    # The iteration in flight was abandoned, not finished and saved.
+    assert torch.load(run / "last.pt", weights_only=True)["iteration"] == before, output[-2000:]
+    assert quit_seconds < 2, quit_seconds

@@ -43,6 +43,10 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         pass
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
@@ -55,13 +59,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist.")
+    unreadable = f"checkpoint {path} cannot be read; it may be truncated or not a checkpoint"
+    if not zipfile.is_zipfile(path):  # every file torch.save writes is a zip archive
+        raise UserError(f"{unreadable} (not a zip archive).")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"checkpoint {path} was refused: it holds objects other than tensors, numbers and strings "
-                        f"(only such files are loaded, so a file cannot run code). Detail: {str(err).splitlines()[0]}") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise UserError(f"checkpoint {path} cannot be read; it may be truncated or not a checkpoint ({str(err).splitlines()[0]}).") from err
+        detail = _first_line(err)
+        if "Unsupported global" in str(err) or "not an allowed global" in str(err):
+            raise UserError(f"checkpoint {path} was refused: it holds objects other than tensors, numbers and strings "
+                            f"(only such files are loaded, so a file cannot run code). Detail: {detail}") from err
+        raise UserError(f"{unreadable} ({detail}).") from err
+    except Exception as err:  # a damaged archive surfaces as many exception types
+        raise UserError(f"{unreadable} ({_first_line(err)}).") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a maml-cli checkpoint.")
     if state.get("version") != VERSION:

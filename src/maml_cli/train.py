@@ -45,6 +45,9 @@ def resume_override(run_dir: Path) -> str:
 
 def load_resume_state(run_dir: Path) -> dict:
     """``last.pt`` of ``run_dir``; if it does not load, the error names the run's other checkpoint that does."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"resume={run_dir} is not a run directory (it has no config.yaml); pass the folder of a run "
+                        f"under outputs/runs/ or outputs/multirun/.")
     try:
         return load_checkpoint(run_dir / "last.pt", map_location="cpu")
     except UserError as err:
@@ -144,6 +147,14 @@ def sweep_overrides(hydra_cfg: DictConfig) -> list[str] | None:
         return None
 
 
+def remove_if_nothing_trained(run_dir: Path, resumed: bool) -> None:
+    """Leave no directory that could pass for a run: one with no checkpoint that this start created."""
+    if any(run_dir.glob("*.pt")):
+        return
+    if not resumed or not (run_dir / "config.yaml").exists():  # a mistyped resume=<dir> gets a fresh folder from Hydra
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 config_module.register()
 
 
@@ -154,15 +165,15 @@ def _hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_overrides(hydra_cfg))
     except UserError as err:
-        if not cfg.resume and not any(run_dir.glob("*.pt")):
-            # Nothing was trained: leave no directory that could pass for a run.
-            shutil.rmtree(run_dir, ignore_errors=True)
+        remove_if_nothing_trained(run_dir, resumed=bool(cfg.resume))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"maml-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        # A second Ctrl-C: quit at once, keeping whatever checkpoint was last written whole.
+        # A second Ctrl-C (or a first one before training starts): quit at once, keeping whatever
+        # checkpoint was last written whole.
+        remove_if_nothing_trained(run_dir, resumed=bool(cfg.resume))
         last = run_dir / "last.pt"
         kept = f"{last} (written before the interrupt) is kept" if last.exists() else "no checkpoint was written"
         print(f"maml-train: interrupted; {kept}.", file=sys.stderr)
