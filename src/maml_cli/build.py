@@ -134,11 +134,11 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> Any:
 
 
 def algorithm_name(cfg: DictConfig) -> str:
-    return HydraChoice.get("algo") or cfg.algo._target_.rsplit(".", 1)[-1]
+    return hydra_choice("algo") or cfg.algo._target_.rsplit(".", 1)[-1]
 
 
 def dataset_name(cfg: DictConfig) -> str:
-    return HydraChoice.get("dataset") or cfg.dataset._target_.rsplit(".", 1)[-1]
+    return hydra_choice("dataset") or cfg.dataset._target_.rsplit(".", 1)[-1]
 
 
 INNER_LOOP_KEYS = ("inner_lr", "inner_steps", "test_inner_steps")
@@ -192,16 +192,12 @@ def algo_config_keys(name: str) -> set[str]:
     return set(OmegaConf.load(path).keys()) if path.is_file() else set()
 
 
-class HydraChoice:
-    """The group choices (``algo=protonet``) of the running Hydra app, when there is one."""
+def hydra_choice(group: str) -> str | None:
+    """The group choice (``algo=protonet``) of the running Hydra app, when there is one."""
+    from hydra.core.hydra_config import HydraConfig
 
-    @staticmethod
-    def get(group: str) -> str | None:
-        from hydra.core.hydra_config import HydraConfig
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
-        if not HydraConfig.initialized():
-            return None
-        return HydraConfig.get().runtime.choices.get(group)
 
 
 def flatten(container: Any, prefix: str = "") -> dict[str, Any]:

@@ -69,11 +69,15 @@ def evaluate(algorithm: Any, model: nn.Module, sampler: EpisodeSampler, kind: Ta
     return [{name: mean_ci95(values) for name, values in step.items()} for step in per_step]
 
 
+# Metrics of the k-th instance of a class (``accuracy_instance_03``), reported as a series over k.
+PRESENTATION_METRIC = re.compile(r"(.+)_instance_(\d+)")
+
+
 def by_presentation(metrics: dict[str, Any]) -> dict[str, dict[int, Any]]:
     """``{"accuracy_instance_03": v}`` -> ``{"accuracy": {3: v}}``: metrics reported per presentation index."""
     series: dict[str, dict[int, Any]] = defaultdict(dict)
     for name, value in metrics.items():
-        match = re.fullmatch(r"(.+)_instance_(\d+)", name)
+        match = PRESENTATION_METRIC.fullmatch(name)
         if match:
             series[match.group(1)][int(match.group(2))] = value
     return dict(series)
@@ -246,7 +250,7 @@ class MetaTrainer:
             self.writer.add_scalar(f"test/{metric}_ci95_by_inner_step", ci, inner_step)
         final = results[-1]
         for name, (value, ci) in final.items():
-            if re.fullmatch(r".+_instance_\d+", name):
+            if PRESENTATION_METRIC.fullmatch(name):
                 continue
             self.writer.add_scalar(f"test/{name}", value, self.state.iteration)
             self.writer.add_scalar(f"test/{name}_ci95", ci, self.state.iteration)

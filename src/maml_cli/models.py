@@ -91,8 +91,8 @@ class Conv4(nn.Module):
         batch_norm: which statistics batch normalisation uses.
         channels_last: store the convolution weights channels-last. On a 2-core CPU it made
             ProtoNet's 360-image episodes about 1.4x faster, while for MAML's small per-task
-            batches the effect was mixed across runs (1.2x slower to 1.05x faster), so it is
-            off unless a preset turns it on (``scripts/bench_conv4_layout.py`` measures both).
+            batches it made no clear difference, so it is off unless a preset turns it on
+            (``scripts/bench_conv4_layout.py`` measures both).
 
     Example:
         >>> net = Conv4(1, 5)
