@@ -51,6 +51,18 @@ def test_sinusoid_run_writes_curves_checkpoints_config_and_hparams(tmp_path):
     assert b"inner_lr" in hparams["_hparams_/session_start_info"] and b"test/mse" in hparams["_hparams_/experiment"]
 
 
+def test_two_tasks_at_once_train_the_same_curve_as_one_at_a_time(tmp_path, small_omniglot):
+    curves = {}
+    for tasks_at_once in (1, 2):
+        cwd = tmp_path / str(tasks_at_once)
+        cwd.mkdir()
+        run_cli("maml-train", omniglot_args(small_omniglot, 4, f"tasks_at_once={tasks_at_once}"), cwd=cwd)
+        scalars = read_scalars(only_run(cwd))
+        curves[tasks_at_once] = [v for _, v in scalars["train/loss"]] + [v for _, v in scalars["val/accuracy"]]
+    assert len(curves[1]) == 6
+    assert curves[2] == pytest.approx(curves[1], rel=1e-5)
+
+
 def test_omniglot_run_on_a_small_copy_writes_accuracy_curves(tmp_path, small_omniglot):
     result = run_cli("maml-train", omniglot_args(small_omniglot, 4), cwd=tmp_path)
     scalars = read_scalars(only_run(tmp_path))
@@ -148,6 +160,7 @@ def test_a_plain_wheel_ships_the_configs_and_runs_from_another_directory(tmp_pat
     wheel = next(wheels.glob("maml_cli-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "maml_cli/conf/config.yaml" in names and "maml_cli/conf/experiment/maml_omniglot_5w1s.yaml" in names
+    assert "maml_cli/conf/algo_dataset/lstm_omniglot.yaml" in names  # algo=lstm needs it from an installed wheel
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
