@@ -1,12 +1,21 @@
 #!/usr/bin/env python
-"""Time conv4 forward+backward with two batch-norm kernels and two weight layouts, on this machine.
+"""Time conv4 with two batch-norm kernels and two memory layouts, on this machine.
 
-Usage: python scripts/bench_conv4_layout.py [--threads 2] [--repeats 5]
+Usage: python scripts/bench_conv4_layout.py [--threads 2] [--repeats 7]
 
-Prints median seconds for (a) a ProtoNet-sized batch (60-way 1-shot 5-query: 360 images, head-less
-conv4) and (b) MAML meta-gradients of 8 tasks of 5-way 1-shot 15-query (1 inner step, second order).
-The figures quoted in the docstrings of ``maml_cli.models`` (batch-norm kernel, ``channels_last``)
-come from this script; only ratios within one run mean anything on a shared machine.
+Part 1, the batch-norm kernel (contiguous layout): median seconds for a ProtoNet-sized batch
+(60-way 1-shot 5-query: 360 images, head-less conv4, forward+backward) and for the MAML
+meta-gradients of 8 tasks of 5-way 1-shot 15-query (1 inner step, second order), with batch
+normalisation written from mean, variance and rsqrt, and with ``F.batch_norm``.
+
+Part 2, the layout, by batch size: milliseconds for a plain forward+backward and for a
+second-order MAML step on the same batch (forward, gradient with ``create_graph``, forward
+with the adapted weights, backward through both), contiguous and channels-last (both passes
+channels-last here: no :func:`~maml_cli.models.differentiated_twice` mark). This is the
+measurement behind ``Conv4(channels_last=True)`` and :func:`maml_cli.models.differentiated_twice`.
+
+The figures quoted in ``maml_cli.models`` and docs/performance.md come from this script;
+only ratios within one run mean anything on a shared machine.
 """
 from __future__ import annotations
 
@@ -33,50 +42,76 @@ class ElementaryBatchNorm(BatchStatNorm):
 
 def median_seconds(step, repeats: int) -> float:
     times = []
-    for _ in range(repeats + 1):  # the first call warms up
+    for _ in range(repeats + 2):  # the first two calls warm up
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
+    return sorted(times[2:])[repeats // 2]
 
 
-def conv4(out_features: int, elementary: bool, channels_last: bool) -> Conv4:
-    model = Conv4(1, out_features)
+def conv4(out_features: int, elementary: bool = False, channels_last: bool = False) -> Conv4:
+    torch.manual_seed(0)
+    model = Conv4(1, out_features, channels_last=channels_last)
     if elementary:
         for i, layer in enumerate(model.features):
             if isinstance(layer, BatchStatNorm):
                 model.features[i] = ElementaryBatchNorm(layer.weight.numel())
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return model
+
+
+def batch_norm_kernels(repeats: int) -> None:
+    images = torch.rand(360, 1, 28, 28)
+    episodes = [Episode(torch.rand(5, 1, 28, 28), torch.arange(5), torch.rand(75, 1, 28, 28), torch.arange(5).repeat_interleave(15))
+                for _ in range(8)]
+    maml = MAML(inner_lr=0.4, inner_steps=1, test_inner_steps=1)
+    print(f"{'batch norm':<14} {'ProtoNet 360 images (s)':>24} {'MAML 8 tasks (s)':>17}")
+    for elementary in (True, False):
+        embed, classifier = conv4(0, elementary), conv4(5, elementary)
+        forward, params = functional_forward(classifier), dict(classifier.named_parameters())
+
+        def protonet_step():
+            embed(images).pow(2).mean().backward()
+
+        def maml_step():
+            for episode in episodes:
+                maml.meta_loss(forward, params, episode, classification_objective)[0].backward()
+
+        print(f"{'elementary' if elementary else 'F.batch_norm':<14} {median_seconds(protonet_step, repeats):>24.3f} "
+              f"{median_seconds(maml_step, repeats):>17.3f}")
+
+
+def layouts(repeats: int) -> None:
+    print(f"{'images':>6} {'fwd+bwd contiguous':>19} {'channels-last':>14} {'2nd-order contiguous':>21} {'channels-last':>14}  (ms)")
+    for n in (5, 20, 75, 100):
+        x, y = torch.rand(n, 1, 28, 28), torch.arange(n) % 5
+        row = []
+        for channels_last in (False, True):
+            model = conv4(5, channels_last=channels_last)
+            forward, params = functional_forward(model), dict(model.named_parameters())
+
+            def plain():
+                F.cross_entropy(model(x), y).backward()
+
+            def second_order():
+                loss = F.cross_entropy(forward(params, x), y)
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+                adapted = {name: p - 0.1 * g for (name, p), g in zip(params.items(), grads)}
+                F.cross_entropy(forward(adapted, x), y).backward()
+
+            row.append((1e3 * median_seconds(plain, repeats), 1e3 * median_seconds(second_order, repeats)))
+        print(f"{n:>6} {row[0][0]:>19.1f} {row[1][0]:>14.1f} {row[0][1]:>21.1f} {row[1][1]:>14.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    images = torch.rand(360, 1, 28, 28)
-    episodes = [Episode(torch.rand(5, 1, 28, 28), torch.arange(5), torch.rand(75, 1, 28, 28), torch.arange(5).repeat_interleave(15))
-                for _ in range(8)]
-    maml = MAML(inner_lr=0.4, inner_steps=1, test_inner_steps=1)
-    print(f"threads={args.threads}, median of {args.repeats}")
-    print(f"{'batch norm':<12} {'layout':<14} {'ProtoNet 360 images':>20} {'MAML 8 tasks':>14}")
-    for elementary in (True, False):
-        for channels_last in (False, True):
-            embed = conv4(0, elementary, channels_last)
-            classifier = conv4(5, elementary, channels_last)
-            forward, params = functional_forward(classifier), dict(classifier.named_parameters())
-
-            def protonet_step():
-                embed(images).pow(2).mean().backward()
-
-            def maml_step():
-                for episode in episodes:
-                    maml.meta_loss(forward, params, episode, classification_objective)[0].backward()
-
-            print(f"{'elementary' if elementary else 'F.batch_norm':<12} {'channels_last' if channels_last else 'contiguous':<14} "
-                  f"{median_seconds(protonet_step, args.repeats):>20.3f} {median_seconds(maml_step, args.repeats):>14.3f}")
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}")
+    batch_norm_kernels(args.repeats)
+    print()
+    layouts(args.repeats)
 
 
 if __name__ == "__main__":

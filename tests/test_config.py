@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import SMALL_OVERRIDES
 from maml_cli import config
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
-                            validate)
+                            default_channels_last, validate)
 from maml_cli.errors import UserError
 from maml_cli.loop import functional_forward
 
@@ -146,6 +146,7 @@ def test_a_config_file_with_a_misspelt_key_is_rejected(tmp_path):
     ("query=0", "query must be at least 1"),
     ("algo=protonet algo.train_shot=0", "algo.train_shot must be at least 1"),
     ("patience=0", "patience must be at least 1 or null"),
+    ("tasks_at_once=0", "tasks_at_once must be at least 1"),
 ])
 def test_out_of_range_values_are_user_errors(override, message):
     with pytest.raises(UserError, match=message):
@@ -159,3 +160,17 @@ def test_data_root_defaults_to_env_var_then_user_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = compose_config([])
     assert cfg.data_root == str(tmp_path / "cache" / "maml-cli") and cfg.dataset.root == cfg.data_root
+
+
+@pytest.mark.parametrize("overrides,channels_last", [
+    ([], True),
+    (["algo=protonet"], True),
+    (["algo=lstm"], True),
+    (["model.channels_last=false"], False),
+])
+def test_conv4_is_channels_last_on_cpu_unless_turned_off(overrides, channels_last, small_omniglot):
+    cfg = compose_config([f"data_root={small_omniglot}", *SMALL_OVERRIDES, *overrides])
+    model = build_model(cfg, build_tasks(cfg), build_algorithm(cfg), torch.device("cpu"))
+    conv4 = getattr(model, "embedding", model)
+    assert conv4.channels_last is channels_last
+    assert not default_channels_last(torch.device("cuda"))  # not measured on a GPU: left off there

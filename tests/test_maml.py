@@ -4,7 +4,7 @@ from torch import nn
 
 from maml_cli.algorithms.maml import MAML, adapt
 from maml_cli.loop import functional_forward
-from maml_cli.models import BatchStatNorm, Conv4
+from maml_cli.models import BatchStatNorm, Conv4, differentiated_twice, in_differentiated_twice
 from maml_cli.tasks import Episode, classification_objective, regression_objective
 
 
@@ -98,6 +98,45 @@ def test_conv4_meta_gradient_matches_directional_finite_difference():
         numeric = (values[0] - values[1]) / (2 * eps)
         exact = sum((analytic[k] * direction[k]).sum() for k in params).item()
         assert abs(numeric - exact) <= 1e-5 * max(1.0, abs(exact)), (numeric, exact)
+
+
+def conv4_layouts(model, x):
+    """Whether the first normalisation layer saw channels-last activations, for one forward pass."""
+    seen = []
+    handle = model.features[1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    output = model(x)
+    handle.remove()
+    return output, seen[0]
+
+
+def test_conv4_channels_last_is_the_same_function_and_stays_contiguous_where_differentiated_twice():
+    torch.manual_seed(0)
+    plain = Conv4(in_channels=1, out_features=3, hidden=4).double()
+    fast = Conv4(in_channels=1, out_features=3, hidden=4, channels_last=True).double()
+    fast.load_state_dict(plain.state_dict())
+    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    expected, plain_layout = conv4_layouts(plain, x)
+    output, fast_layout = conv4_layouts(fast, x)
+    assert torch.allclose(output, expected, rtol=0, atol=1e-12)
+    assert fast_layout and not plain_layout
+    with differentiated_twice():
+        assert not conv4_layouts(fast, x)[1]
+    assert conv4_layouts(fast, x)[1]  # the mark ends with the block
+
+
+def test_second_order_inner_loop_is_marked_and_first_order_is_not():
+    marks = []
+
+    def forward(params, x):
+        marks.append(in_differentiated_twice())
+        return x @ params["w"]
+
+    params = {"w": torch.randn(3, 2, dtype=torch.float64, requires_grad=True)}
+    episode = tiny_episode(way=2, shot=2, query=2)
+    for first_order in (False, True):
+        MAML(0.1, 2, 0, first_order).meta_loss(forward, params, episode, classification_objective)
+    # Two support passes and the query pass, at second order then first order.
+    assert marks == [True, True, False, False, False, False]
 
 
 def test_adaptation_lowers_the_support_loss_and_leaves_the_model_untouched():

@@ -20,8 +20,8 @@ from maml_cli.errors import UserError
 
 # Keys that may change between a run and its resumption without changing its results.
 RESUME_FREE_KEYS = {
-    "iterations", "device", "resume", "force_resume", "progress", "log_every", "val_every", "val_tasks", "test_tasks",
-    "checkpoint_every", "data_root", "dataset.root", "dataset.download", "patience",
+    "iterations", "device", "tasks_at_once", "resume", "force_resume", "progress", "log_every", "val_every", "val_tasks", "test_tasks",
+    "checkpoint_every", "data_root", "dataset.root", "dataset.download", "patience", "model.channels_last",
 }
 
 
@@ -55,7 +55,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("inner_lr", "outer_lr"):
         if not cfg[key] > 0:
             problems.append(f"{key} must be positive (got {cfg[key]})")
-    for key, low in (("way", 1), ("shot", 1), ("query", 1), ("meta_batch_size", 1), ("inner_steps", 0),
+    for key, low in (("way", 1), ("shot", 1), ("query", 1), ("meta_batch_size", 1), ("tasks_at_once", 1), ("inner_steps", 0),
                      ("test_inner_steps", 0), ("iterations", 0), ("log_every", 1), ("val_every", 1),
                      ("val_tasks", 1), ("test_tasks", 1), ("checkpoint_every", 1)):
         if cfg[key] < low:
@@ -84,8 +84,19 @@ def build_tasks(cfg: DictConfig) -> Any:
     return _instantiate(cfg.dataset, "dataset")
 
 
-def build_model(cfg: DictConfig, tasks: Any, algorithm: Any) -> nn.Module:
-    """The network the algorithm needs, from ``cfg.model``, shaped for the task family and ``cfg.way``.
+def default_channels_last(device: torch.device) -> bool:
+    """conv4's layout when ``model.channels_last`` is null: channels-last on CPU.
+
+    On a 2-core CPU it made a forward+backward of conv4 1.5-2x faster (docs/performance.md,
+    ``scripts/bench.py``); MAML's second-order inner loop stays contiguous regardless (see
+    :func:`maml_cli.models.differentiated_twice`). On a GPU it was not measured, so it stays
+    off there unless asked for.
+    """
+    return device.type == "cpu"
+
+
+def build_model(cfg: DictConfig, tasks: Any, algorithm: Any, device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The network the algorithm needs, from ``cfg.model``, shaped for the task family and ``cfg.way``, on ``device``.
 
     MAML gets the backbone with a head of ``way`` outputs (1 for regression),
     ProtoNet the backbone without a head, and the recurrent learner an LSTM over
@@ -99,14 +110,17 @@ def build_model(cfg: DictConfig, tasks: Any, algorithm: Any) -> nn.Module:
     if algorithm.network == "embedding" and tasks.kind.name != "classification":
         raise UserError(f"algo={algorithm_name(cfg)} classifies by distances to class prototypes and needs a classification "
                         f"dataset (dataset=omniglot); dataset={dataset_name(cfg)} is {tasks.kind.name}.")
+    if "channels_last" in cfg.model:
+        chosen = cfg.model.channels_last
+        shape["channels_last"] = default_channels_last(device) if chosen is None else bool(chosen)
     try:
         backbone = _instantiate(cfg.model, "model", **shape, out_features=outputs if algorithm.network == "classifier" else 0)
     except UserError as err:
         raise UserError(f"model {cfg.model._target_} does not fit dataset {cfg.dataset._target_}: {err}") from err
     if algorithm.network == "recurrent":
         input_size = tasks.in_features if tasks.kind.name != "classification" else tasks.in_channels * tasks.image_size ** 2
-        return algorithm.make_network(backbone, backbone.embedding_size, input_size, label_size=outputs, out_features=outputs)
-    return backbone
+        return algorithm.make_network(backbone, backbone.embedding_size, input_size, label_size=outputs, out_features=outputs).to(device)
+    return backbone.to(device)
 
 
 def build_samplers(cfg: DictConfig, tasks: Any, algorithm: Any, device: torch.device) -> dict[str, Any]:

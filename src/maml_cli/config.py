@@ -101,7 +101,7 @@ class Conv4Config:
     _target_: str = "maml_cli.models.Conv4"
     hidden: int = 64
     batch_norm: BatchNormMode = BatchNormMode.batch
-    channels_last: bool = False
+    channels_last: Optional[bool] = None  # None: chosen by build_model for the algorithm and device
 
 
 @dataclass
@@ -135,6 +135,7 @@ class Config:
     test_inner_steps: int = MISSING
     meta_batch_size: int = MISSING
     iterations: int = MISSING
+    tasks_at_once: int = 1
     device: str = "auto"
     seed: int = 0
     eval_seed: int = 0

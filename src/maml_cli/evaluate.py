@@ -83,14 +83,13 @@ def run_eval(args: EvalConfig) -> dict:
     tasks = build_tasks(cfg)
     way, shot, query = algorithm.episode_shape(args.split, cfg.way, cfg.shot, cfg.query)
     sampler = tasks.sampler(args.split, way, shot, query, device)
-    model = build_model(cfg, tasks, algorithm)
+    model = build_model(cfg, tasks, algorithm, device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         trained_way = state["config"]["way"]
         raise UserError(f"the network in {args.checkpoint} does not fit way={cfg.way}: it was trained with way={trained_way} and "
                         f"algo={cfg.algo._target_.rsplit('.', 1)[-1]} has a fixed number of outputs. Leave way unset or use way={trained_way}.") from err
-    model.to(device)
     results = evaluate(algorithm, model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device)
     metric = tasks.kind.metric
     presentation = by_presentation(results[-1]).get(metric, {})

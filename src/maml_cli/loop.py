@@ -1,12 +1,15 @@
 """The meta-training loop and the evaluation loop shared by every algorithm."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
 import signal
-from collections import defaultdict
+import threading
 import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +70,97 @@ def evaluate(algorithm: Any, model: nn.Module, sampler: EpisodeSampler, kind: Ta
             for name, value in metrics.items():
                 per_step[step][name].append(float(value))
     return [{name: mean_ci95(values) for name, values in step.items()} for step in per_step]
+
+
+class TaskThreads:
+    """Runs the tasks of a meta-batch concurrently, one task per thread.
+
+    The tasks of a meta-batch are independent until their meta-gradients are summed.
+    Whether running them side by side, each on a share of the cores, beats running them one
+    after another on all of them depends on the work: on a 2-core CPU two at a time made
+    second-order MAML 1.19-1.31x faster and first-order MAML and the LSTM slower
+    (docs/performance.md, from ``scripts/bench.py``). Each thread runs the model through
+    its own structural copy (``functional_call`` swaps parameters into a module, so
+    threads must not share one) with the meta-parameters passed in, and returns the
+    task's gradient; the caller sums them in task order, so the result does not depend
+    on which thread finished first.
+
+    Args:
+        model: the network; each thread copies it once.
+        tasks_at_once: threads; the cores are shared out evenly between them.
+    """
+
+    def __init__(self, model: nn.Module, tasks_at_once: int) -> None:
+        self.model = model
+        self.tasks_at_once = tasks_at_once
+        self.intra_op_threads = max(1, torch.get_num_threads() // tasks_at_once)
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(tasks_at_once, thread_name_prefix="maml-task", initializer=self._start_thread)
+
+    def _start_thread(self) -> None:
+        # This thread's share of the cores (OpenMP's thread count is per thread; the calling thread keeps its own).
+        torch.set_num_threads(self.intra_op_threads)
+
+    def _forward(self) -> Callable[..., Any]:
+        if getattr(self._local, "model", None) is None:
+            self._local.model = copy.deepcopy(self.model)
+        return functional_forward(self._local.model)
+
+    def _task(self, algorithm: Any, params: dict[str, Tensor], episode: Episode, objective: Any, scale: float) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor]]:
+        loss, metrics = algorithm.meta_loss(self._forward(), params, episode, objective)
+        return torch.autograd.grad(loss * scale, tuple(params.values()), allow_unused=True), metrics
+
+    def map(self, algorithm: Any, params: dict[str, Tensor], episodes: list[Episode], objective: Any) -> Any:
+        """Yield ``(gradients, metrics)`` of each episode's meta-loss divided by the number of episodes, in episode order."""
+        futures = [self._pool.submit(self._task, algorithm, params, episode, objective, 1 / len(episodes)) for episode in episodes]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:  # interrupted: tasks not yet started are dropped, not run at exit
+                future.cancel()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def accumulate_meta_gradient(algorithm: Any, model: nn.Module, episodes: list[Episode], objective: Any,
+                             threads: TaskThreads | None = None) -> dict[str, float]:
+    """Add the meta-gradient of the mean meta-loss over ``episodes`` to the ``.grad`` of ``model``'s parameters.
+
+    This is all of a meta-training step but the optimizer's: the trainer and
+    ``scripts/bench.py`` both call it, so the benchmark times the code that trains.
+
+    Args:
+        threads: run several tasks at once (see :class:`TaskThreads`); ``None``: one after another.
+
+    Returns:
+        Each metric of ``algorithm.meta_loss`` averaged over the episodes.
+    """
+    params = dict(model.named_parameters())
+    totals: dict[str, Tensor] = {}
+
+    def add_metrics(metrics: dict[str, Tensor]) -> None:
+        for name, value in metrics.items():
+            # Summed as tensors: a float() per task would make a GPU wait for every task.
+            totals[name] = totals[name] + value if name in totals else value
+
+    if threads is None:
+        forward = functional_forward(model)
+        for episode in episodes:
+            loss, metrics = algorithm.meta_loss(forward, params, episode, objective)
+            # Backward per task frees each task's graph at once: memory stays that of one task.
+            (loss / len(episodes)).backward()
+            add_metrics(metrics)
+    else:
+        summed: list[Tensor | None] = [None] * len(params)
+        for grads, metrics in threads.map(algorithm, params, episodes, objective):
+            summed = [s if g is None else g if s is None else s + g for s, g in zip(summed, grads)]
+            add_metrics(metrics)
+        for p, g in zip(params.values(), summed):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+    return {name: float(total) / len(episodes) for name, total in totals.items()}
 
 
 # Metrics of the k-th instance of a class (``accuracy_instance_03``), reported as a series over k.
@@ -155,6 +249,7 @@ class MetaTrainer:
     scheduler: Any = None
     grad_clip: float | None = None
     patience: int | None = None
+    threads: TaskThreads | None = None
     progress: bool = True
     resume_hint: str = ""
     state: TrainState = field(default_factory=TrainState)
@@ -194,21 +289,11 @@ class MetaTrainer:
     # -- one meta-training step -------------------------------------------
     def step(self) -> tuple[dict[str, float], float]:
         """One meta-update over ``meta_batch_size`` tasks; returns mean metrics and seconds spent sampling."""
-        forward = functional_forward(self.model)
-        params = dict(self.model.named_parameters())
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        data_seconds = 0.0
-        for _ in range(self.meta_batch_size):
-            start = time.perf_counter()
-            episode: Episode = self.train_sampler.sample(self.generator).to(self.device)
-            data_seconds += time.perf_counter() - start
-            loss, metrics = self.algorithm.meta_loss(forward, params, episode, self.kind.objective)
-            # Backward per task frees each task's graph at once: memory stays that of one task.
-            (loss / self.meta_batch_size).backward()
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-        means = {name: total / self.meta_batch_size for name, total in totals.items()}
+        start = time.perf_counter()
+        episodes = [self.train_sampler.sample(self.generator).to(self.device) for _ in range(self.meta_batch_size)]
+        data_seconds = time.perf_counter() - start
+        means = accumulate_meta_gradient(self.algorithm, self.model, episodes, self.kind.objective, self.threads)
         if not math.isfinite(means["loss"]):
             raise NonFiniteLoss(
                 f"the meta-training loss became {means['loss']} at iteration {self.state.iteration + 1}; stopped instead of training on garbage. "
@@ -269,6 +354,7 @@ class MetaTrainer:
         """Meta-train until ``iterations``; returns False if stopped early by a signal (``last.pt`` is saved)."""
         bar = tqdm(total=self.iterations, initial=self.state.iteration, disable=not self.progress, dynamic_ncols=True, desc="meta-train")
         window_start, window_tasks = time.perf_counter(), 0
+        log.info("meta-training starts at iteration %d of %d", self.state.iteration, self.iterations)
         with StopRequested() as stop:
             while self.state.iteration < self.iterations:
                 step_start = time.perf_counter()

@@ -7,10 +7,37 @@ adaptation.
 from __future__ import annotations
 
 import enum
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+_passes = threading.local()
+
+
+@contextmanager
+def differentiated_twice() -> Iterator[None]:
+    """Marks forward passes whose graph will itself be differentiated (MAML's inner loop at second order).
+
+    conv4 computes such passes in the contiguous layout even when it is channels-last: on a
+    CPU the double backward of channels-last batch normalisation and ReLU is slower, while a
+    pass differentiated once is 1.26-1.86x faster channels-last (docs/performance.md). The mark
+    is per thread, so tasks run concurrently (``tasks_at_once``) do not see each other's.
+    """
+    previous = getattr(_passes, "twice", False)
+    _passes.twice = True
+    try:
+        yield
+    finally:
+        _passes.twice = previous
+
+
+def in_differentiated_twice() -> bool:
+    return getattr(_passes, "twice", False)
 
 
 class BatchNormMode(str, enum.Enum):
@@ -34,7 +61,7 @@ class BatchStatNorm(nn.Module):
     """Batch normalisation over the current batch, with a learned scale and shift and no running statistics.
 
     ``F.batch_norm`` in training mode without running buffers: the fused kernel made
-    conv4 1.5-1.7x faster on a 2-core CPU than the same normalisation written from
+    conv4 1.5-1.9x faster on a 2-core CPU than the same normalisation written from
     mean, variance and ``rsqrt`` (``scripts/bench_conv4_layout.py``), and its double
     backward is exact when tasks are processed one at a time (the MAML
     finite-difference tests check it). Under ``vmap`` its batching
@@ -89,10 +116,10 @@ class Conv4(nn.Module):
         hidden: filters per convolution.
         image_size: side of the square input images; sets the head's input size.
         batch_norm: which statistics batch normalisation uses.
-        channels_last: store the convolution weights channels-last. On a 2-core CPU it made
-            ProtoNet's 360-image episodes about 1.4x faster, while for MAML's small per-task
-            batches it made no clear difference, so it is off unless a preset turns it on
-            (``scripts/bench_conv4_layout.py`` measures both).
+        channels_last: compute in the channels-last memory format, except passes marked
+            :func:`differentiated_twice`. On a CPU, batch normalisation and max-pooling of
+            28x28 feature maps run several times faster channels-last, and a forward+backward
+            1.26-1.86x faster; a double backward runs 1.06-1.23x slower (``scripts/bench.py``, docs/performance.md).
 
     Example:
         >>> net = Conv4(1, 5)
@@ -127,10 +154,20 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.embedding_size = hidden * side * side
         self.head = nn.Linear(self.embedding_size, out_features) if out_features > 0 else nn.Identity()
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        # Only activations change layout: channels-last weights would make the convolutions of
+        # passes marked differentiated_twice channels-last as well.
+        self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last and not in_differentiated_twice():
+            # The weights stay contiguous (see __init__), so a convolution would return to the
+            # contiguous layout; its output is converted (a no-op once it is channels-last).
+            h = x
+            for layer in self.features:
+                h = layer(h)
+                if isinstance(layer, nn.Conv2d):
+                    h = h.contiguous(memory_format=torch.channels_last)
+            return self.head(h)
         return self.head(self.features(x))
 
 

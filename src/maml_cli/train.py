@@ -30,7 +30,7 @@ from maml_cli.build import (build_algorithm, build_model, build_optimizer, build
                             check_inner_loop_overrides, config_differences, flatten, hparams, resolve_device, validate)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
-from maml_cli.loop import MetaTrainer, by_presentation
+from maml_cli.loop import MetaTrainer, TaskThreads, by_presentation
 
 log = logging.getLogger("maml_cli")
 
@@ -86,7 +86,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     algorithm = build_algorithm(cfg)
     tasks = build_tasks(cfg)
     samplers = build_samplers(cfg, tasks, algorithm, device)
-    model = build_model(cfg, tasks, algorithm).to(device)
+    model = build_model(cfg, tasks, algorithm, device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
@@ -102,6 +102,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
         val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress,
         scheduler=scheduler, grad_clip=getattr(algorithm, "grad_clip", None), patience=cfg.patience,
+        threads=TaskThreads(model, min(cfg.tasks_at_once, cfg.meta_batch_size)) if cfg.tasks_at_once > 1 else None,
         resume_hint=" ".join(["maml-train", *(shlex.quote(o) for o in kept), resume_override(run_dir)]),
     )
     metric = tasks.kind.metric
@@ -125,6 +126,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
         results = trainer.test()
     finally:
         writer.close()
+        if trainer.threads is not None:
+            trainer.threads.close()
     for inner_step, step_results in enumerate(results):
         value, ci = step_results[metric]
         log.info("meta-test %s after %d inner step(s): %.4f +- %.4f (95%% CI, %d tasks)", metric, inner_step, value, ci, cfg.test_tasks)

@@ -6,11 +6,13 @@ gradient step. The same :func:`adapt` runs at meta-training and at meta-test.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from maml_cli.models import differentiated_twice
 from maml_cli.tasks import Episode, Objective
 
 Params = dict[str, Tensor]
@@ -43,7 +45,8 @@ def adapt(
         The adapted parameters, differentiable with respect to ``params``.
     """
     for _ in range(inner_steps):
-        support_loss, _ = objective(forward(params, support_x), support_y)
+        with nullcontext() if first_order else differentiated_twice():
+            support_loss, _ = objective(forward(params, support_x), support_y)
         grads = torch.autograd.grad(support_loss, tuple(params.values()), create_graph=not first_order)
         params = {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
     return params

@@ -1,0 +1,76 @@
+"""scripts/bench.py: maml-cli's meta-gradient equals the plain loop's, and the check would catch one that does not."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("impl", ["maml-cli", "maml-cli:tasks_at_once=2"])
+@pytest.mark.parametrize("setting", ["a", "b", "c", "protonet_60w5s", "lstm_5w"])
+def test_maml_cli_meta_gradient_equals_the_plain_loop_in_float64(bench, setting, impl):
+    tiny = bench.QUICK[setting]
+    if tiny.meta_batch < 2 and impl != "maml-cli":
+        pytest.skip("one task per meta-batch")
+    reference = bench.meta_gradient(tiny, "loop", torch.device("cpu"), None)
+    ours = bench.meta_gradient(tiny, impl, torch.device("cpu"), None)
+    assert reference.dtype == torch.float64 and reference.norm() > 0
+    assert float((ours - reference).norm() / reference.norm()) < 1e-12
+
+
+def test_higher_agrees_with_the_loop_when_installed(bench):
+    pytest.importorskip("higher")
+    for name in ("b", "c"):
+        tiny = bench.QUICK[name]
+        reference = bench.meta_gradient(tiny, "loop", torch.device("cpu"), None)
+        theirs = bench.meta_gradient(tiny, "higher", torch.device("cpu"), None)
+        assert float((theirs - reference).norm() / reference.norm()) < 1e-12
+
+
+def test_the_check_catches_a_wrong_meta_gradient(bench, monkeypatch):
+    # First-order gradients passed off as second-order ones: the row must say so.
+    second_order = bench.QUICK["a"]
+    monkeypatch.setitem(bench.MAKERS, "maml-cli", lambda setting: bench.step_loop(bench.Setting(**{**setting.__dict__, "first_order": True})))
+    rows = bench.time_setting(second_order, ["maml-cli", "loop"], torch.device("cpu"), torch.float32, steps=1, warmup=0, check_tasks=None)
+    assert rows[0]["impl"] == "maml-cli" and rows[0]["grad_rel_diff"] > 1e-3
+    assert rows[1]["grad_rel_diff"] == 0
+    assert not bench.print_table(rows, bench.QUICK, tolerance=1e-9)
+
+
+def test_quick_run_passes_and_writes_the_json_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())
+    assert {row["setting"] for row in rows} == {"a", "b", "c", "protonet_60w5s", "protonet_5w1s", "lstm_5w"}
+    for row in rows:
+        assert {"setting", "impl", "seconds_per_step", "tasks_per_second", "peak_mib", "grad_rel_diff"} <= row.keys()
+        if row.get("skipped"):
+            continue
+        assert row["seconds_per_step"] > 0 and row["tasks_per_second"] > 0
+        if row["impl"] != "fwd+bwd":
+            assert row["grad_rel_diff"] < 1e-9
+    assert any(row["impl"] == "maml-cli" and 0 < row["data_fraction"] < 1 for row in rows)
+    assert "learn2learn" in done.stdout  # listed, run or skipped with its reason, never a failure
+
+
+def test_unknown_setting_is_an_error_naming_the_choices():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--settings", "z"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown setting 'z'" in done.stderr and "protonet_60w5s" in done.stderr
