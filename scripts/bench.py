@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -169,7 +168,9 @@ def step_maml_cli_two_at_once(setting: Setting) -> Callable:
     threads: dict[int, TaskThreads] = {}
 
     def step(model, episodes):
-        return accumulate_meta_gradient(algo, model, episodes, classification_objective, threads.setdefault(id(model), TaskThreads(model, 2)))
+        if id(model) not in threads:
+            threads[id(model)] = TaskThreads(model, 2)
+        return accumulate_meta_gradient(algo, model, episodes, classification_objective, threads[id(model)])
     return step
 
 
@@ -278,33 +279,35 @@ def rss_mib(field: str) -> float | None:
     return None
 
 
-def reset_peak(device: torch.device) -> float:
-    """Start a fresh peak-memory window; returns the baseline (MiB) that peak_mib subtracts."""
+def reset_peak(device: torch.device) -> float | None:
+    """Start a fresh peak-memory window; returns the baseline (MiB) that peak_mib subtracts, or None if the peak cannot be reset."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
     except OSError:
-        pass
-    return rss_mib("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return None  # the peak would include everything before: report none rather than a wrong one
+    return rss_mib("VmRSS")
 
 
-def peak_mib(device: torch.device, baseline: float) -> float:
+def peak_mib(device: torch.device, baseline: float | None) -> float | None:
+    if baseline is None:
+        return None
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20 - baseline
-    peak = rss_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return max(peak - baseline, 0.0)
+    peak = rss_mib("VmHWM")
+    return None if peak is None else max(peak - baseline, 0.0)
 
 
 def flat_grad(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
-def meta_gradient(setting: Setting, impl: str, device: torch.device, tasks: int | None) -> torch.Tensor:
-    """The implementation's meta-gradient in float64 on the first ``tasks`` tasks of the meta-batch."""
-    model = make_model(setting, torch.float64, device, impl=impl)
-    episodes = make_episodes(setting, torch.float64, device)[:tasks]
+def meta_gradient(setting: Setting, impl: str, device: torch.device, tasks: int | None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The implementation's meta-gradient (float64 unless asked) on the first ``tasks`` tasks of the meta-batch."""
+    model = make_model(setting, dtype, device, impl=impl)
+    episodes = make_episodes(setting, dtype, device)[:tasks]
     MAKERS[impl](setting)(model, episodes)
     return flat_grad(model)
 
@@ -398,7 +401,7 @@ def peak_isolated(args: argparse.Namespace, setting: str, impl: str) -> float | 
 # -- start-up ------------------------------------------------------------------------------------
 
 def startup_seconds(data_root: str, device: str) -> list[float]:
-    """Seconds from launching ``maml-train`` to its first meta-training step, twice (the second with the cache warm)."""
+    """Seconds from launching ``maml-train`` to the start of meta-training (its log line just before the first step), twice."""
     import shutil
     import tempfile
     launcher = shutil.which("maml-train") or str(Path(sys.executable).with_name("maml-train"))
@@ -451,7 +454,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype of the timed steps (the gradient check is always float64)")
     parser.add_argument("--steps", type=int, help="timed meta-steps per row, the median is reported (default 5, --quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed meta-steps first (default 1)")
-    parser.add_argument("--quick", action="store_true", help="tiny settings, rows in this process: a correctness check in seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, peak memory measured in this process: a correctness check in seconds")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {','.join(SETTINGS)}")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -473,7 +476,7 @@ def main() -> None:
         if not args.data_root:
             parser.error("--startup needs --data-root (a data_root where maml-train finds or caches Omniglot)")
         first, second = startup_seconds(args.data_root, args.device)
-        print(f"maml-train, launch to first meta-training step: {first:.2f} s (first run), {second:.2f} s (second run, cache warm)")
+        print(f"maml-train, launch to the start of meta-training: {first:.2f} s (first run), {second:.2f} s (second run)")
         return
     table = QUICK if args.quick else SETTINGS
     dtype = getattr(torch, args.dtype)

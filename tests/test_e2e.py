@@ -56,7 +56,8 @@ def test_two_tasks_at_once_train_the_same_curve_as_one_at_a_time(tmp_path, small
     for tasks_at_once in (1, 2):
         cwd = tmp_path / str(tasks_at_once)
         cwd.mkdir()
-        run_cli("maml-train", omniglot_args(small_omniglot, 4, f"tasks_at_once={tasks_at_once}"), cwd=cwd)
+        result = run_cli("maml-train", omniglot_args(small_omniglot, 4, f"tasks_at_once={tasks_at_once}"), cwd=cwd)
+        assert ("2 tasks at a time on threads" in result.stdout + result.stderr) == (tasks_at_once == 2)
         scalars = read_scalars(only_run(cwd))
         curves[tasks_at_once] = [v for _, v in scalars["train/loss"]] + [v for _, v in scalars["val/accuracy"]]
     assert len(curves[1]) == 6

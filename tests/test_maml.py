@@ -124,6 +124,25 @@ def test_conv4_channels_last_is_the_same_function_and_stays_contiguous_where_dif
     assert conv4_layouts(fast, x)[1]  # the mark ends with the block
 
 
+def test_the_mark_is_per_thread():
+    import threading
+    inside, checked = threading.Event(), threading.Event()
+    seen_elsewhere = []
+
+    def marked():
+        with differentiated_twice():
+            inside.set()
+            checked.wait(timeout=10)
+
+    thread = threading.Thread(target=marked)
+    thread.start()
+    inside.wait(timeout=10)
+    seen_elsewhere.append(in_differentiated_twice())  # another task's mark must not change this one's layout
+    checked.set()
+    thread.join()
+    assert seen_elsewhere == [False]
+
+
 def test_second_order_inner_loop_is_marked_and_first_order_is_not():
     marks = []
 

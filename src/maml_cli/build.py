@@ -87,8 +87,8 @@ def build_tasks(cfg: DictConfig) -> Any:
 def default_channels_last(device: torch.device) -> bool:
     """conv4's layout when ``model.channels_last`` is null: channels-last on CPU.
 
-    On a 2-core CPU it made a forward+backward of conv4 1.5-2x faster (docs/performance.md,
-    ``scripts/bench.py``); MAML's second-order inner loop stays contiguous regardless (see
+    On a 2-core CPU it made a forward+backward of conv4 1.26-1.86x faster (docs/performance.md,
+    ``scripts/bench_conv4_layout.py``); MAML's second-order inner loop stays contiguous regardless (see
     :func:`maml_cli.models.differentiated_twice`). On a GPU it was not measured, so it stays
     off there unless asked for.
     """

@@ -78,12 +78,13 @@ class TaskThreads:
     The tasks of a meta-batch are independent until their meta-gradients are summed.
     Whether running them side by side, each on a share of the cores, beats running them one
     after another on all of them depends on the work: on a 2-core CPU two at a time made
-    second-order MAML 1.19-1.31x faster and first-order MAML and the LSTM slower
-    (docs/performance.md, from ``scripts/bench.py``). Each thread runs the model through
+    second-order MAML 1.06-1.12x faster at 2.4x the peak memory, and first-order MAML and
+    the LSTM slower (docs/performance.md, from ``scripts/bench.py``). Each thread runs the model through
     its own structural copy (``functional_call`` swaps parameters into a module, so
     threads must not share one) with the meta-parameters passed in, and returns the
     task's gradient; the caller sums them in task order, so the result does not depend
-    on which thread finished first.
+    on which thread finished first (it equals one-at-a-time to rounding: a thread's
+    reductions split differently over fewer cores).
 
     Args:
         model: the network; each thread copies it once.

@@ -24,8 +24,8 @@ def differentiated_twice() -> Iterator[None]:
     """Marks forward passes whose graph will itself be differentiated (MAML's inner loop at second order).
 
     conv4 computes such passes in the contiguous layout even when it is channels-last: on a
-    CPU the double backward of channels-last batch normalisation and ReLU is slower, while a
-    pass differentiated once is 1.26-1.86x faster channels-last (docs/performance.md). The mark
+    2-core CPU a second-order step ran 1.06-1.23x slower channels-last, while a pass
+    differentiated once ran 1.26-1.86x faster (``scripts/bench_conv4_layout.py``). The mark
     is per thread, so tasks run concurrently (``tasks_at_once``) do not see each other's.
     """
     previous = getattr(_passes, "twice", False)
@@ -117,9 +117,9 @@ class Conv4(nn.Module):
         image_size: side of the square input images; sets the head's input size.
         batch_norm: which statistics batch normalisation uses.
         channels_last: compute in the channels-last memory format, except passes marked
-            :func:`differentiated_twice`. On a CPU, batch normalisation and max-pooling of
-            28x28 feature maps run several times faster channels-last, and a forward+backward
-            1.26-1.86x faster; a double backward runs 1.06-1.23x slower (``scripts/bench.py``, docs/performance.md).
+            :func:`differentiated_twice`. On a 2-core CPU a forward+backward ran 1.26-1.86x
+            faster channels-last and a second-order step 1.06-1.23x slower
+            (``scripts/bench_conv4_layout.py``, docs/performance.md).
 
     Example:
         >>> net = Conv4(1, 5)

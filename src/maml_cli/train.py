@@ -35,6 +35,17 @@ from maml_cli.loop import MetaTrainer, TaskThreads, by_presentation
 log = logging.getLogger("maml_cli")
 
 
+def task_threads(model: torch.nn.Module, tasks_at_once: int, meta_batch_size: int, device: torch.device) -> TaskThreads | None:
+    """Threads for ``tasks_at_once`` tasks, or None when one at a time is all there can be."""
+    at_once = min(tasks_at_once, meta_batch_size)
+    if at_once < 2:
+        return None
+    if device.type == "cuda":
+        log.warning("tasks_at_once=%d on CUDA: the tasks share one stream, so this is unlikely to help (not measured on a GPU)", at_once)
+    log.info("meta-training runs %d tasks at a time on threads", at_once)
+    return TaskThreads(model, at_once)
+
+
 def resume_override(run_dir: Path) -> str:
     """``resume=<run_dir>`` as typed in a shell; quoted for Hydra when the path holds ``=`` or ``,`` (multirun members)."""
     value = str(run_dir)
@@ -102,7 +113,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
         val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress,
         scheduler=scheduler, grad_clip=getattr(algorithm, "grad_clip", None), patience=cfg.patience,
-        threads=TaskThreads(model, min(cfg.tasks_at_once, cfg.meta_batch_size)) if cfg.tasks_at_once > 1 else None,
+        threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device),
         resume_hint=" ".join(["maml-train", *(shlex.quote(o) for o in kept), resume_override(run_dir)]),
     )
     metric = tasks.kind.metric
