@@ -104,7 +104,9 @@ class TaskThreads:
 
     def _forward(self) -> Callable[..., Any]:
         if getattr(self._local, "model", None) is None:
-            self._local.model = copy.deepcopy(self.model)
+            # New modules, the same tensors: no second copy of the weights (on a GPU it would count).
+            shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+            self._local.model = copy.deepcopy(self.model, memo=shared)
         return functional_forward(self._local.model)
 
     def _task(self, algorithm: Any, params: dict[str, Tensor], episode: Episode, objective: Any, scale: float) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor]]:
