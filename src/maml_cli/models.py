@@ -160,8 +160,9 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and not in_differentiated_twice():
-            # The weights stay contiguous (see __init__), so a convolution would return to the
-            # contiguous layout; its output is converted (a no-op once it is channels-last).
+            # A one-channel image is laid out the same either way, so the first convolution
+            # returns contiguous output; converting each convolution's output (a no-op once the
+            # input is channels-last) carries the whole network channels-last.
             h = x
             for layer in self.features:
                 h = layer(h)
