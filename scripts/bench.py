@@ -38,6 +38,7 @@ shared machine. Peak memory is measured for each row in a process of its own (wi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -204,13 +205,18 @@ def step_loop(setting: Setting) -> Callable:
     return step
 
 
-def step_higher(setting: Setting) -> Callable:
+def maml_library(setting: Setting, module: str, missing: str) -> Any:
+    """A comparator library for a MAML setting; Skip (with the reason) for other algorithms or when it is missing."""
     if setting.algo != "maml":
         raise Skip("MAML only")
     try:
-        import higher
+        return importlib.import_module(module)
     except ImportError:
-        raise Skip('not installed (pip install -e ".[bench]")') from None
+        raise Skip(missing) from None
+
+
+def step_higher(setting: Setting) -> Callable:
+    higher = maml_library(setting, "higher", 'not installed (pip install -e ".[bench]")')
 
     # Gradients as constants after each step: higher's way to first-order MAML.
     detach = (lambda grads: [g.detach() for g in grads]) if setting.first_order else None
@@ -226,12 +232,7 @@ def step_higher(setting: Setting) -> Callable:
 
 
 def step_learn2learn(setting: Setting) -> Callable:
-    if setting.algo != "maml":
-        raise Skip("MAML only")
-    try:
-        import learn2learn
-    except ImportError:
-        raise Skip("not importable (learn2learn 0.2.0 does not build from PyPI on Python 3.11 as published)") from None
+    learn2learn = maml_library(setting, "learn2learn", "not importable (learn2learn 0.2.0 does not build from PyPI on Python 3.11 as published)")
     wrappers: dict[int, Any] = {}
 
     def step(model, episodes):

@@ -101,7 +101,7 @@ class Conv4Config:
     _target_: str = "maml_cli.models.Conv4"
     hidden: int = 64
     batch_norm: BatchNormMode = BatchNormMode.batch
-    channels_last: Optional[bool] = None  # None: chosen by build_model for the algorithm and device
+    channels_last: Optional[bool] = None  # None: build_model chooses by device (build.default_channels_last)
 
 
 @dataclass
