@@ -18,12 +18,16 @@ Implementations (``impl`` in the JSON rows):
                  memory layout ``maml-train`` chooses (``maml_cli.build.default_channels_last``).
     maml-cli:tasks_at_once=2
                  the same with ``tasks_at_once=2``: two tasks at a time, each on half the cores.
+    maml-cli:episodes_per_call=1
+                 the same, one episode per call to the algorithm, for algorithms that otherwise compute the
+                 whole meta-batch in one pass (the LSTM): the path such an algorithm took before batching.
     loop         a plain ``torch.func.functional_call`` loop over tasks, written out here: the reference.
     higher       ``higher.innerloop_ctx`` (``pip install -e ".[bench]"``); skipped with a note if missing.
     learn2learn  ``learn2learn.algorithms.MAML``, when importable (its PyPI package does not build on
                  Python 3.11 as published); skipped with a note if missing.
-    fwd+bwd      the same network's plain forward and backward over the same images, one task per batch,
-                 in maml-cli's layout: the floor a meta-learning step is measured against (no meta-gradient).
+    fwd+bwd      the same network's plain forward and backward over the same images, one task per batch
+                 (the LSTM: the whole meta-batch in one batch), in maml-cli's layout: the floor a meta-learning
+                 step is measured against (no meta-gradient).
 
 Every implementation gets the same conv4 (``maml_cli.models.Conv4``: 3x3 convolution, batch
 normalisation on batch statistics, ReLU, 2x2 max-pooling, 64 filters) and the same tasks.
@@ -54,14 +58,15 @@ from torch.func import functional_call
 from maml_cli.algorithms.lstm import RecurrentMetaLearner, label_channel, previous_labels
 from maml_cli.algorithms.maml import MAML
 from maml_cli.algorithms.protonet import ProtoNet
-from maml_cli.build import default_channels_last
+from maml_cli.build import CPU_EMBEDDING_CHUNK, default_channels_last
 from maml_cli.data.episodes import ClassImageSampler
 from maml_cli.loop import TaskThreads, accumulate_meta_gradient
 from maml_cli.models import Conv4
 from maml_cli.tasks import Episode, classification_objective
 
 TWO_AT_ONCE = "maml-cli:tasks_at_once=2"
-IMPLS = ("maml-cli", TWO_AT_ONCE, "loop", "higher", "learn2learn", "fwd+bwd")
+ONE_PER_CALL = "maml-cli:episodes_per_call=1"
+IMPLS = ("maml-cli", TWO_AT_ONCE, ONE_PER_CALL, "loop", "higher", "learn2learn", "fwd+bwd")
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,8 @@ class Skip(Exception):
 # -- the network and the tasks ---------------------------------------------------------------
 
 def make_model(setting: Setting, dtype: torch.dtype, device: torch.device, seed: int = 0, impl: str = "loop") -> torch.nn.Module:
-    """conv4 (under the LSTM for ``lstm``): maml-cli's and fwd+bwd's in the memory layout ``maml-train`` would choose, the others contiguous."""
+    """conv4 (under the LSTM for ``lstm``): maml-cli's and fwd+bwd's in the memory layout (and, under the LSTM, the
+    embedding chunks) ``maml-train`` would choose, the others contiguous and in one call."""
     torch.manual_seed(seed)
     channels_last = (impl.startswith("maml-cli") or impl == "fwd+bwd") and default_channels_last(device)
     if setting.algo == "maml":
@@ -126,8 +132,9 @@ def make_model(setting: Setting, dtype: torch.dtype, device: torch.device, seed:
         model = Conv4(1, 0, hidden=setting.hidden, channels_last=channels_last)
     else:
         backbone = Conv4(1, 0, hidden=setting.hidden, batch_norm="example", channels_last=channels_last)
+        chunk = CPU_EMBEDDING_CHUNK if (impl.startswith("maml-cli") or impl == "fwd+bwd") and device.type == "cpu" else None
         model = RecurrentMetaLearner(protocol="sequence", presentations=setting.shot, hidden_size=LSTM_HIDDEN).make_network(
-            backbone, backbone.embedding_size, 28 * 28, label_size=setting.way, out_features=setting.way)
+            backbone, 28 * 28, label_size=setting.way, out_features=setting.way, embedding_chunk=chunk)
     return model.to(device=device, dtype=dtype)
 
 
@@ -173,6 +180,14 @@ def step_maml_cli_two_at_once(setting: Setting) -> Callable:
             threads[id(model)] = TaskThreads(model, 2)
         return accumulate_meta_gradient(algo, model, episodes, classification_objective, threads[id(model)])
     return step
+
+
+def step_maml_cli_one_per_call(setting: Setting) -> Callable:
+    algo = algorithm(setting)
+    if algo.episodes_per_call == 1:
+        raise Skip("maml-cli already takes one episode per call")
+    algo.episodes_per_call = 1
+    return lambda model, episodes: accumulate_meta_gradient(algo, model, episodes, classification_objective)
 
 
 def step_loop(setting: Setting) -> Callable:
@@ -247,11 +262,13 @@ def step_learn2learn(setting: Setting) -> Callable:
 
 def step_fwd_bwd(setting: Setting) -> Callable:
     def step(model, episodes):
+        if setting.algo == "lstm":
+            x, y = torch.stack([e.support_x for e in episodes]), torch.stack([e.support_y for e in episodes])
+            outputs, _ = model(x, torch.zeros(*y.shape, setting.way, dtype=x.dtype, device=x.device))
+            F.cross_entropy(outputs.flatten(0, 1), y.flatten()).backward()
+            return
         for e in episodes:
-            if setting.algo == "lstm":
-                outputs, _ = model(e.support_x[None], torch.zeros(1, len(e.support_x), setting.way, dtype=e.support_x.dtype, device=e.support_x.device))
-                loss = F.cross_entropy(outputs[0], e.support_y)
-            elif setting.algo == "protonet":
+            if setting.algo == "protonet":
                 loss = model(torch.cat([e.support_x, e.query_x])).pow(2).mean()
             else:
                 loss = F.cross_entropy(model(torch.cat([e.support_x, e.query_x])), torch.cat([e.support_y, e.query_y]))
@@ -259,7 +276,7 @@ def step_fwd_bwd(setting: Setting) -> Callable:
     return step
 
 
-MAKERS = {"maml-cli": step_maml_cli, TWO_AT_ONCE: step_maml_cli_two_at_once, "loop": step_loop, "higher": step_higher, "learn2learn": step_learn2learn, "fwd+bwd": step_fwd_bwd}
+MAKERS = {"maml-cli": step_maml_cli, TWO_AT_ONCE: step_maml_cli_two_at_once, ONE_PER_CALL: step_maml_cli_one_per_call, "loop": step_loop, "higher": step_higher, "learn2learn": step_learn2learn, "fwd+bwd": step_fwd_bwd}
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -425,16 +442,20 @@ def startup_seconds(data_root: str, device: str) -> list[float]:
 
 # -- the table -----------------------------------------------------------------------------------
 
-def print_table(rows: list[dict[str, Any]], settings: dict[str, Setting], tolerance: float) -> bool:
+TABLE_HEADER = f"{'setting':<16} {'impl':<28} {'s/step':>8} {'tasks/s':>8} {'peak MiB':>9} {'t/maml-cli':>10} {'grad rel diff':>14}  note"
+
+
+def print_table(rows: list[dict[str, Any]], settings: dict[str, Setting], tolerance: float, header: bool = True) -> bool:
     ok = True
-    print(f"{'setting':<16} {'impl':<24} {'s/step':>8} {'tasks/s':>8} {'peak MiB':>9} {'t/maml-cli':>10} {'grad rel diff':>14}  note")
+    if header:
+        print(TABLE_HEADER)
     for name in dict.fromkeys(row["setting"] for row in rows):
         group = [row for row in rows if row["setting"] == name]
         print(f"-- {name}: {settings[name].describe()}")
         ours = next((row["seconds_per_step"] for row in group if row["impl"] == "maml-cli"), None)
         for row in group:
             if row.get("skipped"):
-                print(f"{name:<16} {row['impl']:<24} skipped: {row['skipped']}")
+                print(f"{name:<16} {row['impl']:<28} skipped: {row['skipped']}")
                 continue
             ratio = f"{row['seconds_per_step'] / ours:.2f}" if ours else "-"
             diff = row["grad_rel_diff"]
@@ -443,7 +464,7 @@ def print_table(rows: list[dict[str, Any]], settings: dict[str, Setting], tolera
             note = f"data {100 * row['data_fraction']:.1f}% of a step" if "data_fraction" in row else ""
             diff_text = "-" if diff is None else f"{diff:.1e} {verdict}"
             peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-            print(f"{name:<16} {row['impl']:<24} {row['seconds_per_step']:>8.3f} {row['tasks_per_second']:>8.1f} {peak:>9} "
+            print(f"{name:<16} {row['impl']:<28} {row['seconds_per_step']:>8.3f} {row['tasks_per_second']:>8.1f} {peak:>9} "
                   f"{ratio:>10} {diff_text:>14}  {note}")
     return ok
 
@@ -495,14 +516,17 @@ def main() -> None:
             parser.error(f"unknown implementation {impl!r}; choose from {', '.join(MAKERS)}")
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, timings in {args.dtype}, "
           f"median of {args.steps} steps after {args.warmup} warm-up{' (quick)' if args.quick else ''}")
-    rows = []
+    rows, ok = [], True
+    print(TABLE_HEADER, flush=True)
     for name in settings:
-        for row in time_setting(table[name], impls, device, dtype, args.steps, args.warmup, check_tasks):
+        measured = time_setting(table[name], impls, device, dtype, args.steps, args.warmup, check_tasks)
+        for row in measured:
             if not row.get("skipped"):
                 # --quick measures in this process: indicative only, but fast enough for CI.
                 row["peak_mib"] = peak_row(table[name], row["impl"], device, dtype) if args.quick else peak_isolated(args, name, row["impl"])
-            rows.append(row)
-    ok = print_table(rows, table, args.tolerance)
+        ok &= print_table(measured, table, args.tolerance, header=False)  # each setting as soon as it is measured
+        sys.stdout.flush()
+        rows += measured
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     if not ok:

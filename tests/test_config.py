@@ -14,6 +14,7 @@ from maml_cli.build import (build_algorithm, build_model, build_optimizer, build
                             validate)
 from maml_cli.errors import UserError
 from maml_cli.loop import functional_forward
+from maml_cli.tasks import EpisodeBatch
 
 config.register()
 CONF = Path(config.config_dir())
@@ -36,7 +37,7 @@ def test_defaults_are_maml_on_omniglot_5_way_1_shot():
     cfg = compose_config([])
     assert cfg.algo._target_.endswith("MAML") and cfg.dataset._target_.endswith("OmniglotTasks")
     assert (cfg.way, cfg.shot, cfg.inner_lr, cfg.inner_steps, cfg.meta_batch_size, cfg.algo.first_order) == (5, 1, 0.4, 1, 32, False)
-    assert cfg.dataset.split == "random" and cfg.model.batch_norm == "batch"
+    assert cfg.dataset.split == "random"
     cfg = compose_config(["algo=maml", "way=20", "shot=1"])
     assert (cfg.way, cfg.shot, cfg.query) == (20, 1, 1)
 
@@ -66,18 +67,56 @@ def _instantiate_all(cfg):
     samplers = build_samplers(cfg, tasks, algorithm, torch.device("cpu"))
     model = build_model(cfg, tasks, algorithm)
     build_scheduler(cfg, build_optimizer(cfg, model))
-    episode = samplers["train"].sample(torch.Generator().manual_seed(0))
-    loss, _ = algorithm.meta_loss(functional_forward(model), dict(model.named_parameters()), episode, tasks.kind.objective)
-    assert torch.isfinite(loss)
+    generator = torch.Generator().manual_seed(0)
+    episodes = EpisodeBatch.stack([samplers["train"].sample(generator) for _ in range(2)])
+    losses, _ = algorithm.meta_loss(functional_forward(model), dict(model.named_parameters()), episodes, tasks.kind.objective)
+    assert losses.shape == (2,) and torch.isfinite(losses).all()
 
 
 def test_lstm_on_sinusoid_reads_the_raw_input():
     cfg = compose_config(["algo=lstm", "dataset=sinusoid"])
     assert cfg.algo.embedding == "raw"
     _instantiate_all(cfg)
-    omniglot = compose_config(["algo=lstm"])
-    assert omniglot.algo.embedding == "backbone" and omniglot.model.batch_norm == "example"
-    assert compose_config(["algo=maml"]).model.batch_norm == "batch"
+    assert compose_config(["algo=lstm"]).algo.embedding == "backbone"
+
+
+DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_the_lstm_network_computes_each_step_on_its_own_for_every_dataset_and_model(dataset, model, small_omniglot):
+    # Whatever the dataset and model, a step's output must not depend on later inputs of the sequence: the build
+    # either chooses a per-example model (conv4's batch_norm left null) or it refuses (below).
+    data = [f"data_root={small_omniglot}", *SMALL_OVERRIDES] if dataset == "omniglot" else []
+    cfg = compose_config(["algo=lstm", f"dataset={dataset}", f"model={model}", "algo.embedding=backbone", "algo.protocol=sequence", *data])
+    tasks = build_tasks(cfg)
+    try:
+        network = build_model(cfg, tasks, build_algorithm(cfg))
+    except UserError as error:  # a model that does not fit the dataset (conv4 on sinusoid), not a leak
+        assert "does not fit dataset" in str(error)
+        return
+    assert not network.mixes_examples
+    episode = tasks.sampler("train", cfg.way, 4, 0).sample(torch.Generator().manual_seed(0))
+    labels_in = torch.zeros(1, len(episode.support_x), network.head.out_features)
+    outputs, _ = network(episode.support_x[None], labels_in)
+    later = episode.support_x.clone()
+    later[-1] = later[-1] + 1.0
+    changed, _ = network(later[None], labels_in)
+    torch.testing.assert_close(changed[0, :-1], outputs[0, :-1], rtol=0, atol=0)
+
+
+def test_the_build_chooses_per_example_normalisation_for_the_lstm_and_refuses_batch_statistics(small_omniglot):
+    base = [f"data_root={small_omniglot}", *SMALL_OVERRIDES]
+    for algo, chosen in (("lstm", "example"), ("maml", "batch"), ("protonet", "batch")):
+        cfg = compose_config([f"algo={algo}", *base])
+        assert cfg.model.batch_norm is None
+        build_model(cfg, build_tasks(cfg), build_algorithm(cfg))
+        assert cfg.model.batch_norm == chosen  # recorded in the config the run saves
+    cfg = compose_config(["algo=lstm", "model.batch_norm=batch", *base])
+    with pytest.raises(UserError, match="needs each example's output to depend on that example alone.*model.batch_norm=example"):
+        build_model(cfg, build_tasks(cfg), build_algorithm(cfg))
 
 
 def test_protonet_and_lstm_presets_hold_the_papers_protocols():

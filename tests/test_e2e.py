@@ -161,7 +161,7 @@ def test_a_plain_wheel_ships_the_configs_and_runs_from_another_directory(tmp_pat
     wheel = next(wheels.glob("maml_cli-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "maml_cli/conf/config.yaml" in names and "maml_cli/conf/experiment/maml_omniglot_5w1s.yaml" in names
-    assert "maml_cli/conf/algo_dataset/lstm_omniglot.yaml" in names  # algo=lstm needs it from an installed wheel
+    assert "maml_cli/conf/algo_dataset/lstm_sinusoid.yaml" in names  # algo=lstm needs it from an installed wheel
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"

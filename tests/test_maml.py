@@ -5,7 +5,7 @@ from torch import nn
 from maml_cli.algorithms.maml import MAML, adapt
 from maml_cli.loop import functional_forward
 from maml_cli.models import BatchStatNorm, Conv4, differentiated_twice, in_differentiated_twice
-from maml_cli.tasks import Episode, classification_objective, regression_objective
+from maml_cli.tasks import Episode, EpisodeBatch, classification_objective, regression_objective
 
 
 def tiny_model() -> nn.Module:
@@ -24,8 +24,8 @@ def tiny_episode(way=3, shot=2, query=4, features=3) -> Episode:
 
 def meta_loss_value(model, params, episode, inner_steps, first_order=False):
     maml = MAML(inner_lr=0.5, inner_steps=inner_steps, test_inner_steps=inner_steps, first_order=first_order)
-    loss, _ = maml.meta_loss(functional_forward(model), params, episode, classification_objective)
-    return loss
+    losses, _ = maml.meta_loss(functional_forward(model), params, EpisodeBatch.stack([episode]), classification_objective)
+    return losses[0]
 
 
 def meta_gradient(model, episode, inner_steps, first_order=False):
@@ -153,7 +153,7 @@ def test_second_order_inner_loop_is_marked_and_first_order_is_not():
     params = {"w": torch.randn(3, 2, dtype=torch.float64, requires_grad=True)}
     episode = tiny_episode(way=2, shot=2, query=2)
     for first_order in (False, True):
-        MAML(0.1, 2, 0, first_order).meta_loss(forward, params, episode, classification_objective)
+        MAML(0.1, 2, 0, first_order).meta_loss(forward, params, EpisodeBatch.stack([episode]), classification_objective)
     # Two support passes and the query pass, at second order then first order.
     assert marks == [True, True, False, False, False, False]
 
@@ -180,9 +180,9 @@ def test_evaluate_reports_every_inner_step_and_matches_adapt():
     maml = MAML(inner_lr=0.1, inner_steps=1, test_inner_steps=3)
     forward = functional_forward(model)
     params = dict(model.named_parameters())
-    per_step = maml.evaluate(forward, params, episode, regression_objective)
+    per_step = maml.evaluate(forward, params, EpisodeBatch.stack([episode]), regression_objective)
     assert len(per_step) == 4
     for steps, metrics in enumerate(per_step):
         adapted = adapt(forward, params, episode.support_x, episode.support_y, regression_objective, 0.1, steps, first_order=True)
         expected, _ = regression_objective(forward(adapted, episode.query_x), episode.query_y)
-        torch.testing.assert_close(metrics["mse"], expected.detach())
+        torch.testing.assert_close(metrics["mse"], expected.detach()[None])

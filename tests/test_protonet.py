@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from maml_cli.algorithms.protonet import ProtoNet, prototype_logits, prototypes
-from maml_cli.tasks import Episode, classification_objective
+from maml_cli.tasks import Episode, EpisodeBatch, classification_objective
 
 
 def identity_forward(params, x):
@@ -44,8 +44,8 @@ def test_a_separable_task_is_solved_perfectly_with_an_identity_embedding():
     support_y, query_y = torch.arange(way).repeat_interleave(shot), torch.arange(way).repeat_interleave(query)
     episode = Episode(centres[support_y] + 0.5 * torch.randn(way * shot, 8, generator=g), support_y,
                       centres[query_y] + 0.5 * torch.randn(way * query, 8, generator=g), query_y)
-    (metrics,) = ProtoNet().evaluate(identity_forward, {}, episode, classification_objective)
-    assert metrics["accuracy"].item() == 1.0
+    (metrics,) = ProtoNet().evaluate(identity_forward, {}, EpisodeBatch.stack([episode]), classification_objective)
+    assert metrics["accuracy"].tolist() == [1.0]
 
 
 def test_training_episodes_may_have_more_classes_than_test_episodes():

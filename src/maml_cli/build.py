@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from maml_cli.algorithms.base import Algorithm
 from maml_cli.errors import UserError
 
 # Keys that may change between a run and its resumption without changing its results.
@@ -95,13 +96,34 @@ def default_channels_last(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def build_model(cfg: DictConfig, tasks: Any, algorithm: Any, device: torch.device = torch.device("cpu")) -> nn.Module:
+# Images the recurrent learner embeds per call on a CPU, where conv4's activations for a few dozen images stay
+# in cache and those of a whole meta-batch do not (docs/performance.md).
+CPU_EMBEDDING_CHUNK = 64
+
+
+def settle_model_choices(cfg: DictConfig, algorithm: Algorithm) -> None:
+    """Fill the model keys left null for the algorithm to choose, in ``cfg`` itself, so the run's config.yaml records them.
+
+    ``model.batch_norm`` (conv4): ``example`` for an algorithm that needs each example computed on its own
+    (``per_example_network``: the LSTM), else ``batch`` (Finn et al.'s batch statistics).
+    """
+    if "batch_norm" in cfg.model and cfg.model.batch_norm is None:
+        cfg.model.batch_norm = "example" if algorithm.per_example_network else "batch"
+
+
+def build_model(cfg: DictConfig, tasks: Any, algorithm: Algorithm, device: torch.device = torch.device("cpu")) -> nn.Module:
     """The network the algorithm needs, from ``cfg.model``, shaped for the task family and ``cfg.way``, on ``device``.
 
     MAML gets the backbone with a head of ``way`` outputs (1 for regression),
     ProtoNet the backbone without a head, and the recurrent learner an LSTM over
-    the head-less backbone.
+    the head-less backbone. Keys left for the algorithm to choose are settled first
+    (:func:`settle_model_choices`).
+
+    Raises:
+        UserError: the model does not fit the dataset, or it mixes the examples of a batch
+            and the algorithm needs each example computed on its own.
     """
+    settle_model_choices(cfg, algorithm)
     outputs = cfg.way if tasks.kind.name == "classification" else 1
     if tasks.kind.name == "classification":
         shape = {"in_channels": tasks.in_channels, "image_size": tasks.image_size}
@@ -117,10 +139,19 @@ def build_model(cfg: DictConfig, tasks: Any, algorithm: Any, device: torch.devic
         backbone = _instantiate(cfg.model, "model", **shape, out_features=outputs if algorithm.network == "classifier" else 0)
     except UserError as err:
         raise UserError(f"model {cfg.model._target_} does not fit dataset {cfg.dataset._target_}: {err}") from err
+    network = backbone
     if algorithm.network == "recurrent":
         input_size = tasks.in_features if tasks.kind.name != "classification" else tasks.in_channels * tasks.image_size ** 2
-        return algorithm.make_network(backbone, backbone.embedding_size, input_size, label_size=outputs, out_features=outputs).to(device)
-    return backbone.to(device)
+        network = algorithm.make_network(backbone, input_size, label_size=outputs, out_features=outputs,
+                                         embedding_chunk=CPU_EMBEDDING_CHUNK if device.type == "cpu" else None)
+    if algorithm.per_example_network and network.mixes_examples:
+        fix = ("model.batch_norm=example, or leave model.batch_norm unset (null lets the algorithm choose)"
+               if "batch_norm" in cfg.model else "a model that computes each example on its own")
+        raise UserError(f"algo={algorithm_name(cfg)} puts several examples of a task through the network in one call and needs each "
+                        f"example's output to depend on that example alone, but model {cfg.model._target_.rsplit('.', 1)[-1]} as "
+                        f"configured mixes the examples of a batch (batch statistics): a later image would change an earlier "
+                        f"step's output. Use {fix}.")
+    return network.to(device)
 
 
 def build_samplers(cfg: DictConfig, tasks: Any, algorithm: Any, device: torch.device) -> dict[str, Any]:
@@ -132,7 +163,7 @@ def build_samplers(cfg: DictConfig, tasks: Any, algorithm: Any, device: torch.de
     return samplers
 
 
-def build_algorithm(cfg: DictConfig) -> Any:
+def build_algorithm(cfg: DictConfig) -> Algorithm:
     return _instantiate(cfg.algo, "algorithm")
 
 

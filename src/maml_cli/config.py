@@ -100,7 +100,7 @@ class SinusoidConfig:
 class Conv4Config:
     _target_: str = "maml_cli.models.Conv4"
     hidden: int = 64
-    batch_norm: BatchNormMode = BatchNormMode.batch
+    batch_norm: Optional[BatchNormMode] = None  # None: chosen for the algorithm (build.settle_model_choices)
     channels_last: Optional[bool] = None  # None: build_model chooses by device (build.default_channels_last)
 
 

@@ -90,7 +90,8 @@ def run_eval(args: EvalConfig) -> dict:
         trained_way = state["config"]["way"]
         raise UserError(f"the network in {args.checkpoint} does not fit way={cfg.way}: it was trained with way={trained_way} and "
                         f"algo={cfg.algo._target_.rsplit('.', 1)[-1]} has a fixed number of outputs. Leave way unset or use way={trained_way}.") from err
-    results = evaluate(algorithm, model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device)
+    results = evaluate(algorithm, model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device, progress=True,
+                       description=f"meta-{args.split}")
     metric = tasks.kind.metric
     presentation = by_presentation(results[-1]).get(metric, {})
     return {

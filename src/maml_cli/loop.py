@@ -12,24 +12,25 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
+from maml_cli.algorithms.base import Algorithm, Forward, Metrics, Params
 from maml_cli.checkpoint import load_checkpoint, save_checkpoint
 from maml_cli.errors import UserError
-from maml_cli.tasks import Episode, EpisodeSampler, TaskKind
+from maml_cli.tasks import Episode, EpisodeBatch, EpisodeSampler, Objective, TaskKind
 
 log = logging.getLogger(__name__)
 
 
-def functional_forward(model: nn.Module) -> Callable[..., Any]:
+def functional_forward(model: nn.Module) -> Forward:
     """``forward(params, *inputs)``: the model evaluated with ``params`` instead of its own parameters."""
 
-    def forward(params: dict[str, Tensor], *inputs: Any) -> Any:
+    def forward(params: Params, *inputs: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
         return functional_call(model, params, inputs)
 
     return forward
@@ -45,12 +46,27 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(var / n)
 
 
-def evaluate(algorithm: Any, model: nn.Module, sampler: EpisodeSampler, kind: TaskKind, n_tasks: int, seed: int,
-             device: torch.device) -> list[dict[str, tuple[float, float]]]:
+# Episodes per call when evaluating an algorithm that computes any number at once: 1,000 test episodes
+# become 20 calls, while a chunk's activations stay small.
+EVAL_EPISODES_PER_CALL = 50
+
+
+def batches_of(episodes: list[Episode], per_call: int | None) -> list[EpisodeBatch]:
+    """The episodes as stacks of ``per_call`` (all of them when ``None``), in order."""
+    size = per_call or len(episodes)
+    return [EpisodeBatch.stack(episodes[i:i + size]) for i in range(0, len(episodes), size)]
+
+
+def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, kind: TaskKind, n_tasks: int, seed: int,
+             device: torch.device, progress: bool = False, description: str = "evaluate") -> list[dict[str, tuple[float, float]]]:
     """Score the meta-parameters on ``n_tasks`` episodes drawn from a generator seeded with ``seed``.
 
     The episodes depend only on ``seed`` and the sampler, so every run and every
-    algorithm is scored on the same tasks.
+    algorithm is scored on the same tasks. They go to the algorithm in stacks of
+    ``algorithm.episodes_per_call`` (:data:`EVAL_EPISODES_PER_CALL` when it takes any number).
+
+    Args:
+        progress: show a progress bar over the episodes.
 
     Returns:
         One dict per adaptation step reported by the algorithm (0, 1, ...,
@@ -61,14 +77,17 @@ def evaluate(algorithm: Any, model: nn.Module, sampler: EpisodeSampler, kind: Ta
     generator = torch.Generator().manual_seed(seed)
     forward = functional_forward(model)
     params = dict(model.named_parameters())
+    per_call = algorithm.episodes_per_call or EVAL_EPISODES_PER_CALL
     per_step: list[dict[str, list[float]]] = []
-    for _ in range(n_tasks):
-        episode = sampler.sample(generator).to(device)
-        for step, metrics in enumerate(algorithm.evaluate(forward, params, episode, kind.objective)):
-            if step == len(per_step):
-                per_step.append(defaultdict(list))
-            for name, value in metrics.items():
-                per_step[step][name].append(float(value))
+    with tqdm(total=n_tasks, disable=not progress, dynamic_ncols=True, desc=description, unit="task") as bar:
+        for start in range(0, n_tasks, per_call):
+            episodes = [sampler.sample(generator).to(device) for _ in range(min(per_call, n_tasks - start))]
+            for step, metrics in enumerate(algorithm.evaluate(forward, params, EpisodeBatch.stack(episodes), kind.objective)):
+                if step == len(per_step):
+                    per_step.append(defaultdict(list))
+                for name, values in metrics.items():
+                    per_step[step][name].extend(values.tolist())
+            bar.update(len(episodes))
     return [{name: mean_ci95(values) for name, values in step.items()} for step in per_step]
 
 
@@ -102,20 +121,20 @@ class TaskThreads:
         # This thread's share of the cores (OpenMP's thread count is per thread; the calling thread keeps its own).
         torch.set_num_threads(self.intra_op_threads)
 
-    def _forward(self) -> Callable[..., Any]:
+    def _forward(self) -> Forward:
         if getattr(self._local, "model", None) is None:
             # New modules, the same tensors: no second copy of the weights (on a GPU it would count).
             shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
             self._local.model = copy.deepcopy(self.model, memo=shared)
         return functional_forward(self._local.model)
 
-    def _task(self, algorithm: Any, params: dict[str, Tensor], episode: Episode, objective: Any, scale: float) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor]]:
-        loss, metrics = algorithm.meta_loss(self._forward(), params, episode, objective)
-        return torch.autograd.grad(loss * scale, tuple(params.values()), allow_unused=True), metrics
+    def _task(self, algorithm: Algorithm, params: Params, batch: EpisodeBatch, objective: Objective, scale: float) -> tuple[tuple[Tensor | None, ...], Metrics]:
+        losses, metrics = algorithm.meta_loss(self._forward(), params, batch, objective)
+        return torch.autograd.grad(losses.sum() * scale, tuple(params.values()), allow_unused=True), metrics
 
-    def map(self, algorithm: Any, params: dict[str, Tensor], episodes: list[Episode], objective: Any) -> Any:
-        """Yield ``(gradients, metrics)`` of each episode's meta-loss divided by the number of episodes, in episode order."""
-        futures = [self._pool.submit(self._task, algorithm, params, episode, objective, 1 / len(episodes)) for episode in episodes]
+    def map(self, algorithm: Algorithm, params: Params, batches: list[EpisodeBatch], objective: Objective, scale: float) -> Iterator[tuple[tuple[Tensor | None, ...], Metrics]]:
+        """Yield ``(gradients, metrics)`` of each batch's summed meta-loss times ``scale``, in batch order."""
+        futures = [self._pool.submit(self._task, algorithm, params, batch, objective, scale) for batch in batches]
         try:
             for future in futures:
                 yield future.result()
@@ -127,37 +146,40 @@ class TaskThreads:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def accumulate_meta_gradient(algorithm: Any, model: nn.Module, episodes: list[Episode], objective: Any,
+def accumulate_meta_gradient(algorithm: Algorithm, model: nn.Module, episodes: list[Episode], objective: Objective,
                              threads: TaskThreads | None = None) -> dict[str, float]:
     """Add the meta-gradient of the mean meta-loss over ``episodes`` to the ``.grad`` of ``model``'s parameters.
 
     This is all of a meta-training step but the optimizer's: the trainer and
     ``scripts/bench.py`` both call it, so the benchmark times the code that trains.
+    The episodes go to the algorithm in stacks of ``algorithm.episodes_per_call``
+    (all at once when it takes any number).
 
     Args:
-        threads: run several tasks at once (see :class:`TaskThreads`); ``None``: one after another.
+        threads: run several stacks at once (see :class:`TaskThreads`); ``None``: one after another.
 
     Returns:
         Each metric of ``algorithm.meta_loss`` averaged over the episodes.
     """
     params = dict(model.named_parameters())
+    batches = batches_of(episodes, algorithm.episodes_per_call)
     totals: dict[str, Tensor] = {}
 
-    def add_metrics(metrics: dict[str, Tensor]) -> None:
-        for name, value in metrics.items():
+    def add_metrics(metrics: Metrics) -> None:
+        for name, values in metrics.items():
             # Summed as tensors: a float() per task would make a GPU wait for every task.
-            totals[name] = totals[name] + value if name in totals else value
+            totals[name] = totals[name] + values.sum() if name in totals else values.sum()
 
     if threads is None:
         forward = functional_forward(model)
-        for episode in episodes:
-            loss, metrics = algorithm.meta_loss(forward, params, episode, objective)
-            # Backward per task frees each task's graph at once: memory stays that of one task.
-            (loss / len(episodes)).backward()
+        for batch in batches:
+            losses, metrics = algorithm.meta_loss(forward, params, batch, objective)
+            # Backward per call frees its graph at once: memory stays that of one call's episodes.
+            (losses.sum() / len(episodes)).backward()
             add_metrics(metrics)
     else:
         summed: list[Tensor | None] = [None] * len(params)
-        for grads, metrics in threads.map(algorithm, params, episodes, objective):
+        for grads, metrics in threads.map(algorithm, params, batches, objective, 1 / len(episodes)):
             summed = [s if g is None else g if s is None else s + g for s, g in zip(summed, grads)]
             add_metrics(metrics)
         for p, g in zip(params.values(), summed):
@@ -229,7 +251,7 @@ class MetaTrainer:
     Writes TensorBoard scalars, ``last.pt`` and ``best.pt`` under ``run_dir``.
     """
 
-    algorithm: Any
+    algorithm: Algorithm
     model: nn.Module
     kind: TaskKind
     optimizer: torch.optim.Optimizer
@@ -330,7 +352,8 @@ class MetaTrainer:
         return value
 
     def test(self) -> list[dict[str, tuple[float, float]]]:
-        results = evaluate(self.algorithm, self.model, self.test_sampler, self.kind, self.test_tasks, self.eval_seed, self.device)
+        results = evaluate(self.algorithm, self.model, self.test_sampler, self.kind, self.test_tasks, self.eval_seed, self.device,
+                           progress=self.progress, description="meta-test")
         metric = self.kind.metric
         for inner_step, step_results in enumerate(results):
             value, ci = step_results[metric]

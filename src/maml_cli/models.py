@@ -9,11 +9,27 @@ from __future__ import annotations
 import enum
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class Backbone(Protocol):
+    """What the build and the algorithms rely on in a model built from ``conf/model/``.
+
+    Attributes:
+        embedding_size: width of the features the model computes before its head (what an
+            ``embedding`` or ``recurrent`` network is built on).
+        mixes_examples: True when an example's output depends on the other examples of the batch
+            (conv4 with batch statistics). An algorithm with ``per_example_network`` refuses such a model.
+    """
+
+    embedding_size: int
+    mixes_examples: bool
+
+    def __call__(self, x: Tensor) -> Tensor: ...
 
 
 _passes = threading.local()
@@ -154,6 +170,7 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.embedding_size = hidden * side * side
         self.head = nn.Linear(self.embedding_size, out_features) if out_features > 0 else nn.Identity()
+        self.mixes_examples = BatchNormMode(batch_norm) is BatchNormMode.batch
         # Only activations change layout: channels-last weights would make the convolutions of
         # passes marked differentiated_twice channels-last as well.
         self.channels_last = channels_last
@@ -189,6 +206,7 @@ class MLP(nn.Module):
             layers += [nn.Linear(size, width), nn.ReLU()]
             size = width
         self.embedding_size = size
+        self.mixes_examples = False
         if out_features > 0:
             layers.append(nn.Linear(size, out_features))
         self.net = nn.Sequential(*layers)
@@ -198,7 +216,17 @@ class MLP(nn.Module):
 
 
 class Identity(nn.Module):
-    """No network: the flattened input is the embedding (the recurrent learner on sinusoid reads x itself)."""
+    """No network: the flattened input is the embedding (the recurrent learner on sinusoid reads x itself).
+
+    Args:
+        input_size: the flattened size of an input, which is the embedding's.
+    """
+
+    mixes_examples = False
+
+    def __init__(self, input_size: int) -> None:
+        super().__init__()
+        self.embedding_size = input_size
 
     def forward(self, x: Tensor) -> Tensor:
         return x.flatten(1)
@@ -207,22 +235,28 @@ class Identity(nn.Module):
 class RecurrentLearner(nn.Module):
     """A black-box meta-learner: an LSTM that reads a task as a sequence (Hochreiter et al. 2001; Santoro et al. 2016).
 
-    Each step sees an input's embedding together with a label channel (the previous
-    step's label, one-hot for classification, the target value for regression) and
-    predicts the current label. Everything it learns about a task lives in its state.
+    Each step sees an input's embedding together with a label channel (one-hot for
+    classification, the target value for regression; which label, and when, is the
+    algorithm's protocol) and predicts the current label. Everything it learns about a
+    task lives in its state.
 
     Args:
-        embedding: maps a batch of inputs ``(n, *item)`` to ``(n, embedding_size)``.
+        embedding: maps a batch of inputs ``(n, *item)`` to ``(n, embedding_size)``, each input on its own.
         embedding_size: width of the embedding.
         label_size: width of the label channel (the way, or 1 for regression).
         out_features: outputs per step (the way, or 1 for regression).
         hidden_size, layers: size and depth of the LSTM.
+        embedding_chunk: embed the inputs of a call this many at a time (``None``: all at once). The
+            embedding computes each input on its own, so chunks give the same result; on a CPU small
+            chunks keep conv4's activations in cache (docs/performance.md), on a GPU one large call is faster.
     """
 
-    def __init__(self, embedding: nn.Module, embedding_size: int, label_size: int, out_features: int,
-                 hidden_size: int = 200, layers: int = 1) -> None:
+    def __init__(self, embedding: Backbone, embedding_size: int, label_size: int, out_features: int,
+                 hidden_size: int = 200, layers: int = 1, embedding_chunk: int | None = None) -> None:
         super().__init__()
         self.embedding = embedding
+        self.mixes_examples = embedding.mixes_examples
+        self.embedding_chunk = embedding_chunk
         self.lstm = nn.LSTM(embedding_size + label_size, hidden_size, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden_size, out_features)
 
@@ -232,6 +266,10 @@ class RecurrentLearner(nn.Module):
         Returns the per-step outputs ``(batch, steps, out_features)`` and the final LSTM state.
         """
         batch, steps = x.shape[:2]
-        features = self.embedding(x.reshape(batch * steps, *x.shape[2:])).reshape(batch, steps, -1)
-        hidden, state = self.lstm(torch.cat([features, label_in], dim=-1), state)
+        inputs = x.reshape(batch * steps, *x.shape[2:])
+        if self.embedding_chunk and len(inputs) > self.embedding_chunk:
+            features = torch.cat([self.embedding(part) for part in inputs.split(self.embedding_chunk)])
+        else:
+            features = self.embedding(inputs)
+        hidden, state = self.lstm(torch.cat([features.reshape(batch, steps, -1), label_in], dim=-1), state)
         return self.head(hidden), state

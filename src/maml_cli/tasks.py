@@ -1,8 +1,8 @@
-"""Episodes and the objectives that score them."""
+"""Episodes, stacks of episodes, and the objectives that score them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,27 +26,59 @@ class Episode:
         return Episode(*(t.to(device, non_blocking=True) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
 
 
+@dataclass
+class EpisodeBatch:
+    """Episodes of one shape stacked along a new first dimension: ``support_x`` is ``(episodes, n_support, *item)``.
+
+    What an algorithm's ``meta_loss`` and ``evaluate`` receive: a whole meta-batch when the
+    algorithm computes its episodes together, a single episode when it works one task at a time.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @classmethod
+    def stack(cls, episodes: Sequence[Episode]) -> "EpisodeBatch":
+        """Stack episodes of one shape; raises ``ValueError`` for none or for differing shapes."""
+        if not episodes:
+            raise ValueError("cannot stack zero episodes")
+        return cls(*(torch.stack([getattr(e, name) for e in episodes]) for name in ("support_x", "support_y", "query_x", "query_y")))
+
+    def __len__(self) -> int:
+        return len(self.support_x)
+
+    def __iter__(self) -> Iterator[Episode]:
+        """The episodes one at a time (views, no copies)."""
+        for i in range(len(self)):
+            yield Episode(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])
+
+
 class EpisodeSampler(Protocol):
     """Draws episodes of one split; every draw comes from the given generator."""
 
     def sample(self, generator: torch.Generator) -> Episode: ...
 
 
-# An objective maps (predictions, targets) to (loss, metrics). Metrics are
-# detached scalar tensors; the loss keeps its graph.
+# An objective maps (predictions, targets) to (loss, metrics), averaging over the examples of an episode,
+# i.e. over the last dimension of the labels (``(n,)`` or ``(episodes, n)``) or the second-to-last of
+# regression targets (``(n, 1)`` or ``(episodes, n, 1)``): one episode gives scalars, a stack one value per
+# episode. Metrics are detached; the loss keeps its graph.
 Objective = Callable[[Tensor, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
 
 
 def classification_objective(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Cross-entropy loss; metrics: loss and accuracy."""
-    loss = F.cross_entropy(logits, labels)
-    accuracy = (logits.detach().argmax(dim=-1) == labels).float().mean()
+    """Cross-entropy loss; metrics: loss and accuracy, per episode."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view(labels.shape)
+    loss = losses.mean(dim=-1)
+    accuracy = (logits.detach().argmax(dim=-1) == labels).float().mean(dim=-1)
     return loss, {"loss": loss.detach(), "accuracy": accuracy}
 
 
 def regression_objective(predictions: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean squared error; metrics: loss and mse (the same number, named for the logs)."""
-    loss = F.mse_loss(predictions, targets)
+    """Mean squared error per episode; metrics: loss and mse (the same number, named for the logs)."""
+    loss = (predictions - targets).pow(2).mean(dim=(-2, -1))
     return loss, {"loss": loss.detach(), "mse": loss.detach()}
 
 

@@ -27,7 +27,8 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from maml_cli import config as config_module
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
-                            check_inner_loop_overrides, config_differences, flatten, hparams, resolve_device, validate)
+                            check_inner_loop_overrides, config_differences, flatten, hparams, resolve_device, settle_model_choices,
+                            validate)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.loop import MetaTrainer, TaskThreads, by_presentation
@@ -80,6 +81,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     validate(cfg)
     check_inner_loop_overrides(cfg, overrides, sweep)
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    algorithm = build_algorithm(cfg)
+    settle_model_choices(cfg, algorithm)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
     resume_state = None
@@ -93,8 +97,6 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
                             f"{'; '.join(differences)}. Repeat the run's overrides (see {Path(cfg.resume) / 'config.yaml'}), "
                             f"or add force_resume=true to continue anyway.")
 
-    torch.manual_seed(cfg.seed)
-    algorithm = build_algorithm(cfg)
     tasks = build_tasks(cfg)
     samplers = build_samplers(cfg, tasks, algorithm, device)
     model = build_model(cfg, tasks, algorithm, device)
@@ -112,7 +114,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
         iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size, log_every=cfg.log_every,
         val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress,
-        scheduler=scheduler, grad_clip=getattr(algorithm, "grad_clip", None), patience=cfg.patience,
+        scheduler=scheduler, grad_clip=algorithm.grad_clip, patience=cfg.patience,
         threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device),
         resume_hint=" ".join(["maml-train", *(shlex.quote(o) for o in kept), resume_override(run_dir)]),
     )

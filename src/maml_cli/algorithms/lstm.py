@@ -10,56 +10,73 @@ LSTM's state, and meta-training shapes how.
 Two protocols:
 
 - ``sequence`` (Santoro et al.): the episode is ``way`` classes, each presented
-  ``presentations`` times in shuffled order; the loss covers every step, and
-  accuracy is reported by presentation index (1st, 2nd, ... instance of a class).
-- ``support_query``: the support set is read as above; every query is then
-  classified from the state after the support set, in one step whose label
-  channel holds the last support label (queries do not see each other). This
-  gives an N-way K-shot accuracy comparable to MAML's and ProtoNet's.
+  ``presentations`` times in shuffled order. At step t the LSTM sees x_t with the
+  label of step t-1 (one-hot for classification, the target value for regression;
+  zeros at t=0) and predicts the label of x_t: the one-step delay is the point of
+  the set-up, since the label of x_t arrives only after x_t has been scored. The
+  loss covers every step, and accuracy is reported by presentation index (1st,
+  2nd, ... instance of a class).
+- ``support_query`` (N-way K-shot, as black-box few-shot learners read a task:
+  Mishra et al. 2018, Garnelo et al. 2018): the support set is labelled data, so
+  each support step carries its own label; every query is then classified from the
+  state after the support set, in one step whose label channel is empty (zeros), so
+  queries do not see each other. This gives an N-way K-shot accuracy comparable to
+  MAML's and ProtoNet's.
 
-A sequence is embedded in one batch, so the embedding must treat each input on
-its own for the above to hold: on Omniglot conv4 normalises each image by itself
-(``model.batch_norm=example``, set for ``algo=lstm`` in ``conf/algo_dataset/``).
+Labels are permuted afresh in every episode, so the only way to be right is to
+learn, within the sequence, which input went with which label: the learning
+happens in the LSTM's state, and meta-training shapes how.
+
+All episodes of a meta-batch go through the network together: their inputs are
+embedded in one call and the LSTM runs them as one batch of sequences. The
+embedding must therefore compute each input on its own (``per_example_network``):
+the build gives conv4 per-example normalisation and refuses a model that mixes
+the examples of a batch, where a later image would change an earlier step's output.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from maml_cli.algorithms.maml import Forward, Params
-from maml_cli.models import Identity, RecurrentLearner
-from maml_cli.tasks import Episode, Objective
+from maml_cli.algorithms.base import Forward, Metrics, Params
+from maml_cli.models import Backbone, Identity, RecurrentLearner
+from maml_cli.tasks import EpisodeBatch, Objective
 
 PROTOCOLS = ("sequence", "support_query")
 
 
 def label_channel(targets: Tensor, label_size: int, dtype: torch.dtype) -> Tensor:
-    """Labels as the LSTM reads them: one-hot rows for class indices, the values themselves for regression targets."""
-    if targets.dtype in (torch.int64, torch.int32):
+    """Labels as the LSTM reads them, ``(..., steps, label_size)``: one-hot rows for class indices
+    ``(..., steps)``, the values themselves for regression targets ``(..., steps, 1)``."""
+    if not targets.is_floating_point():
         return F.one_hot(targets, label_size).to(dtype)
-    return targets.reshape(len(targets), -1).to(dtype)
+    return targets.to(dtype)
 
 
 def previous_labels(channel: Tensor) -> Tensor:
-    """Row t holds row t-1 of ``channel``; row 0 is zeros. Never the current label."""
-    return torch.cat([torch.zeros_like(channel[:1]), channel[:-1]])
+    """Step t holds step t-1 of ``channel`` (steps are the second-to-last dimension); step 0 is zeros. Never the current label."""
+    return torch.cat([torch.zeros_like(channel[..., :1, :]), channel[..., :-1, :]], dim=-2)
 
 
 def presentation_index(labels: Tensor) -> Tensor:
-    """For each step, how many times its class has been shown so far, this step included (1 = first instance)."""
-    seen = F.one_hot(labels).cumsum(dim=0)
-    return seen.gather(1, labels[:, None]).squeeze(1)
+    """For each step of ``(..., steps)`` labels, how many times its class has been shown so far, this step included (1 = first instance)."""
+    seen = F.one_hot(labels).cumsum(dim=-2)
+    return seen.gather(-1, labels[..., None]).squeeze(-1)
 
 
-def accuracy_by_presentation(logits: Tensor, labels: Tensor, presentations: int) -> dict[str, Tensor]:
-    """Accuracy over the steps showing the k-th instance of their class, for k = 1..presentations.
+def accuracy_by_presentation(logits: Tensor, labels: Tensor, presentations: int) -> Metrics:
+    """Accuracy over the steps showing the k-th instance of their class, for k = 1..presentations, per episode.
 
     Keys are ``accuracy_instance_01``, ``accuracy_instance_02``, ... (two digits, so they sort).
     """
     correct = (logits.detach().argmax(dim=-1) == labels).float()
     index = presentation_index(labels)
-    return {f"accuracy_instance_{k:02d}": correct[index == k].mean() for k in range(1, presentations + 1)}
+    metrics = {}
+    for k in range(1, presentations + 1):
+        shown = (index == k).float()
+        metrics[f"accuracy_instance_{k:02d}"] = (correct * shown).sum(dim=-1) / shown.sum(dim=-1)
+    return metrics
 
 
 class RecurrentMetaLearner:
@@ -76,10 +93,12 @@ class RecurrentMetaLearner:
 
     Example:
         >>> learner = RecurrentMetaLearner(protocol="sequence", presentations=10)
-        >>> loss, metrics = learner.meta_loss(forward, params, episode, classification_objective)
+        >>> losses, metrics = learner.meta_loss(forward, params, EpisodeBatch.stack(episodes), classification_objective)
     """
 
     network = "recurrent"
+    episodes_per_call = None
+    per_example_network = True
 
     def __init__(self, protocol: str = "support_query", presentations: int = 10, hidden_size: int = 200, layers: int = 1,
                  grad_clip: float | None = 10.0, embedding: str = "backbone") -> None:
@@ -91,47 +110,51 @@ class RecurrentMetaLearner:
         self.grad_clip = grad_clip
         self.embedding = embedding
 
-    def make_network(self, backbone: nn.Module, embedding_size: int, input_size: int, label_size: int, out_features: int) -> nn.Module:
-        """The LSTM over the backbone's features (or the raw input) and a label channel of ``label_size``."""
-        if self.embedding == "raw":
-            backbone, embedding_size = Identity(), input_size
-        return RecurrentLearner(backbone, embedding_size, label_size, out_features, self.hidden_size, self.layers)
+    def make_network(self, backbone: Backbone, input_size: int, label_size: int, out_features: int,
+                     embedding_chunk: int | None = None) -> RecurrentLearner:
+        """The LSTM over the backbone's features (or the raw input of ``input_size``) and a label channel of ``label_size``.
+
+        ``embedding_chunk``: see :class:`~maml_cli.models.RecurrentLearner`.
+        """
+        embedding = Identity(input_size) if self.embedding == "raw" else backbone
+        return RecurrentLearner(embedding, embedding.embedding_size, label_size, out_features, self.hidden_size, self.layers,
+                                embedding_chunk)
 
     def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
         """``sequence`` episodes are ``way`` classes x ``presentations`` instances and no separate query set."""
         return (way, self.presentations, 0) if self.protocol == "sequence" else (way, shot, query)
 
-    def _read_support(self, forward: Forward, params: Params, episode: Episode) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    def predictions(self, forward: Forward, params: Params, episodes: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """The outputs that are scored, with their targets: every step (``sequence``) or the queries (``support_query``),
+        ``(episodes, steps, outputs)`` and ``(episodes, steps)`` (``(episodes, steps, 1)`` for regression)."""
         # The label channel is as wide as the output: the way, or 1 for regression.
         label_size = params["head.weight"].shape[0]
-        channel = label_channel(episode.support_y, label_size, episode.support_x.dtype)
-        outputs, state = forward(params, episode.support_x[None], previous_labels(channel)[None])
-        return outputs[0], channel, state
-
-    def predictions(self, forward: Forward, params: Params, episode: Episode) -> tuple[Tensor, Tensor]:
-        """The outputs that are scored, with their targets: every step (``sequence``) or the queries (``support_query``)."""
-        support_outputs, channel, (h, c) = self._read_support(forward, params, episode)
+        support = label_channel(episodes.support_y, label_size, episodes.support_x.dtype)
         if self.protocol == "sequence":
-            return support_outputs, episode.support_y
-        n_query = len(episode.query_x)
-        label_in = channel[-1].expand(n_query, 1, channel.shape[1])
-        state = (h.expand(-1, n_query, -1).contiguous(), c.expand(-1, n_query, -1).contiguous())
-        query_outputs, _ = forward(params, episode.query_x[:, None], label_in, state)
-        return query_outputs[:, 0], episode.query_y
+            outputs, _ = forward(params, episodes.support_x, previous_labels(support))
+            return outputs, episodes.support_y
+        _, (h, c) = forward(params, episodes.support_x, support)
+        # Every query is a sequence of one step that starts from its episode's support state.
+        n_episodes, n_query = episodes.query_x.shape[:2]
+        state = (h.repeat_interleave(n_query, dim=1), c.repeat_interleave(n_query, dim=1))
+        query_x = episodes.query_x.reshape(n_episodes * n_query, 1, *episodes.query_x.shape[2:])
+        empty = support.new_zeros(n_episodes * n_query, 1, label_size)
+        outputs, _ = forward(params, query_x, empty, state)
+        return outputs.reshape(n_episodes, n_query, -1), episodes.query_y
 
-    def _score(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
-        outputs, targets = self.predictions(forward, params, episode)
-        loss, metrics = objective(outputs, targets)
+    def _score(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
+        outputs, targets = self.predictions(forward, params, episodes)
+        losses, metrics = objective(outputs, targets)
         if self.protocol == "sequence" and not targets.is_floating_point():
             metrics.update(accuracy_by_presentation(outputs, targets, self.presentations))
-        return loss, metrics
+        return losses, metrics
 
-    def meta_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss of the scored outputs; the meta-gradient flows through the whole sequence."""
-        return self._score(forward, params, episode, objective)
+    def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
+        """The loss of each episode's scored outputs; the meta-gradient flows through the whole sequence."""
+        return self._score(forward, params, episodes, objective)
 
-    def evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[dict[str, Tensor]]:
-        """Metrics of one episode; a single entry, since the learning happens inside the forward pass."""
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
+        """Metrics of each episode; a single entry, since the learning happens inside the forward pass."""
         with torch.no_grad():
-            _, metrics = self._score(forward, params, episode, objective)
+            _, metrics = self._score(forward, params, episodes, objective)
         return [metrics]

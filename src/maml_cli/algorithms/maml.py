@@ -7,16 +7,13 @@ gradient step. The same :func:`adapt` runs at meta-training and at meta-test.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from maml_cli.algorithms.base import Forward, Metrics, Params, each_episode, stack_metrics
 from maml_cli.models import differentiated_twice
-from maml_cli.tasks import Episode, Objective
-
-Params = dict[str, Tensor]
-Forward = Callable[..., Any]  # forward(params, *inputs): the network evaluated with params
+from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
 
 def adapt(
@@ -64,11 +61,16 @@ class MAML:
 
     Example:
         >>> maml = MAML(inner_lr=0.4, inner_steps=1, test_inner_steps=3)
-        >>> loss, metrics = maml.meta_loss(forward, params, episode, classification_objective)
-        >>> loss.backward()  # meta-gradient lands on params
+        >>> losses, metrics = maml.meta_loss(forward, params, EpisodeBatch.stack([episode]), classification_objective)
+        >>> losses.sum().backward()  # meta-gradient lands on params
     """
 
     network = "classifier"
+    # Each task's inner loop differentiates its own graph; batching tasks with vmap was slower on CPU
+    # (docs/performance.md), and one task per call lets the loop free each task's graph at once.
+    episodes_per_call = 1
+    per_example_network = False
+    grad_clip = None
 
     def __init__(self, inner_lr: float, inner_steps: int, test_inner_steps: int, first_order: bool = False) -> None:
         self.inner_lr = inner_lr
@@ -80,12 +82,21 @@ class MAML:
         """MAML trains and is scored on the run's own episode shape (its head has ``way`` outputs)."""
         return way, shot, query
 
-    def meta_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, Metrics]:
         """Adapt on the support set, then score the adapted parameters on the query set."""
         adapted = adapt(forward, params, episode.support_x, episode.support_y, objective, self.inner_lr, self.inner_steps, self.first_order)
         return objective(forward(adapted, episode.query_x), episode.query_y)
 
-    def evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[dict[str, Tensor]]:
+    def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
+        """:meth:`task_loss` of each episode."""
+        return each_episode(self.task_loss, forward, params, episodes, objective)
+
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
+        """Query metrics of each episode after 0, 1, ..., ``test_inner_steps`` inner steps."""
+        per_episode = [self.task_evaluate(forward, params, episode, objective) for episode in episodes]
+        return [stack_metrics([steps[step] for steps in per_episode]) for step in range(self.test_inner_steps + 1)]
+
+    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
         """Query metrics after 0, 1, ..., ``test_inner_steps`` inner steps (no meta-gradient)."""
         adapted = {name: p.detach().requires_grad_() for name, p in params.items()}
         per_step = []

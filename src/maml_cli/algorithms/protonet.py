@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maml_cli.algorithms.maml import Forward, Params
-from maml_cli.tasks import Episode, Objective
+from maml_cli.algorithms.base import Forward, Metrics, Params, each_episode
+from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -49,10 +49,14 @@ class ProtoNet:
 
     Example:
         >>> protonet = ProtoNet(train_way=60, train_shot=1, train_query=5)
-        >>> loss, metrics = protonet.meta_loss(forward, params, episode, classification_objective)
+        >>> losses, metrics = protonet.meta_loss(forward, params, EpisodeBatch.stack([episode]), classification_objective)
     """
 
     network = "embedding"
+    # conv4 with batch statistics normalises over the whole batch it is given: one episode per call.
+    episodes_per_call = 1
+    per_example_network = False
+    grad_clip = None
 
     def __init__(self, distance: str = "euclidean", cosine_scale: float = 10.0, train_way: int = 5,
                  train_shot: int = 1, train_query: int = 1) -> None:
@@ -73,12 +77,16 @@ class ProtoNet:
         class_prototypes = prototypes(embeddings[:n_support], episode.support_y, way)
         return prototype_logits(embeddings[n_support:], class_prototypes, self.distance, self.cosine_scale)
 
-    def meta_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, Metrics]:
         """Cross-entropy of the query set under the prototype scores."""
         return objective(self.query_logits(forward, params, episode), episode.query_y)
 
-    def evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[dict[str, Tensor]]:
-        """Query metrics; a single entry, since there is no adaptation step."""
+    def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
+        """:meth:`task_loss` of each episode."""
+        return each_episode(self.task_loss, forward, params, episodes, objective)
+
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
+        """Query metrics of each episode; a single entry, since there is no adaptation step."""
         with torch.no_grad():
-            _, metrics = objective(self.query_logits(forward, params, episode), episode.query_y)
+            _, metrics = self.meta_loss(forward, params, episodes, objective)
         return [metrics]
