@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from maml_cli.algorithms.lstm import RecurrentMetaLearner, label_channel, previous_labels
+from maml_cli.algorithms.lstm import RecurrentMetaLearner
 from maml_cli.algorithms.maml import MAML
 from maml_cli.algorithms.protonet import ProtoNet
 from maml_cli.build import CPU_EMBEDDING_CHUNK, default_channels_last
@@ -213,7 +213,8 @@ def step_loop(setting: Setting) -> Callable:
     else:
         def step(model, episodes):
             for e in episodes:
-                one_hot = F.one_hot(e.support_y, setting.way).to(e.support_x.dtype)
+                # The label's hot entry: the square root of the embedding's width (maml-cli's default label_scale).
+                one_hot = F.one_hot(e.support_y, setting.way).to(e.support_x.dtype) * model.embedding.embedding_size ** 0.5
                 shifted = torch.cat([torch.zeros_like(one_hot[:1]), one_hot[:-1]])
                 outputs, _ = model(e.support_x[None], shifted[None])
                 (F.cross_entropy(outputs[0], e.support_y) / len(episodes)).backward()

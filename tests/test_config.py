@@ -212,3 +212,42 @@ def test_conv4_is_channels_last_on_cpu_unless_turned_off(overrides, channels_las
     model = build_model(cfg, build_tasks(cfg), build_algorithm(cfg), torch.device("cpu"))
     conv4 = getattr(model, "embedding", model)
     assert conv4.channels_last is channels_last
+
+
+def run_main_in_process(monkeypatch, capsys, *args):
+    """``maml-train ARGS`` in this process; returns (exit status, stderr)."""
+    from maml_cli import train
+    monkeypatch.setattr("sys.argv", ["maml-train", *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["inner_setps=3"], "unknown key inner_setps. Did you mean inner_steps"),
+    (["algo=mamal"], "algo=mamal: there is no algo called 'mamal'. Did you mean maml?"),
+    (["experiment=maml_omniglot_5w"], "Did you mean maml_omniglot_5w5s or maml_omniglot_5w1s"),
+    (["algo.inner_lrr=0.1"], "unknown key algo.inner_lrr. Did you mean inner_lr"),
+    (["iterations=1e3"], "iterations must be an integer (got '1000.0'), e.g. iterations=1000."),
+    (["way=five"], "way must be an integer (got 'five')"),
+    (["dataset.split=vinyal"], "dataset.split=vinyal is not one of random, lake, vinyals. Did you mean vinyals?"),
+    (["algo.first_order=maybe"], "algo.first_order must be true or false"),
+])
+def test_misspelt_keys_choices_and_types_get_one_paragraph_with_a_suggestion(monkeypatch, capsys, tmp_path, args, expected):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main_in_process(monkeypatch, capsys, *args)
+    assert code == 2 and err.startswith("maml-train: error: ") and expected in err, err
+    assert "+inner_setps" not in err and "HYDRA_FULL_ERROR" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("+inner_setps=3", "unknown key inner_setps. Did you mean inner_steps"),
+    ("+foo=1", "unknown key foo. Keys: algo,"),
+])
+def test_top_level_keys_appended_with_plus_are_refused_before_any_work(monkeypatch, capsys, tmp_path, override, expected):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main_in_process(monkeypatch, capsys, "dataset=sinusoid", override)
+    assert code == 2 and expected in err, err
+    assert not any((tmp_path / "outputs" / "runs").iterdir())  # nothing trained, no run left behind

@@ -33,8 +33,14 @@ def steps(scalars, tag):
 
 
 def test_sinusoid_run_writes_curves_checkpoints_config_and_hparams(tmp_path):
-    run_cli("maml-train", SINE, cwd=tmp_path)
+    result = run_cli("maml-train", SINE, cwd=tmp_path)
     run = only_run(tmp_path)
+    # The end of a run says what was tested, the best validation, where the run is and how to look at it.
+    log = result.stdout + result.stderr
+    assert f"the meta-test scored {run / 'last.pt'} (the weights at the end, iteration 4)" in log
+    assert "best meta-validation mse: " in log and f"run directory: {run}" in log
+    assert f"curves: tensorboard --logdir {tmp_path / 'outputs'}" in log
+    assert "computing on 1 CPU thread (auto: OMP_NUM_THREADS=1)" in log  # run_cli sets OMP_NUM_THREADS=1
     assert run.parent == tmp_path / "outputs" / "runs" and run.name.endswith("_dataset-sinusoid_iterations-4_meta_batch_size-3")
     scalars = read_scalars(run)
     assert steps(scalars, "train/loss") == [1, 2, 3, 4] and steps(scalars, "train/mse") == [1, 2, 3, 4]
@@ -49,6 +55,27 @@ def test_sinusoid_run_writes_curves_checkpoints_config_and_hparams(tmp_path):
     hparams = accumulator.PluginTagToContent("hparams")
     assert "_hparams_/experiment" in hparams and "_hparams_/session_start_info" in hparams
     assert b"inner_lr" in hparams["_hparams_/session_start_info"] and b"test/mse" in hparams["_hparams_/experiment"]
+
+
+def hparams_metrics(run: Path) -> set[str]:
+    """The metric columns a run declares to TensorBoard's HParams tab."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    accumulator = EventAccumulator(str(run))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    return {info.name.tag for info in experiment.metric_infos}
+
+
+def test_classification_and_regression_runs_each_declare_both_metric_columns(tmp_path, small_omniglot):
+    # TensorBoard takes the HParams table's columns from the first run it reads: whichever it is, accuracy
+    # and MSE must both be there.
+    (tmp_path / "sine").mkdir(), (tmp_path / "omniglot").mkdir()
+    run_cli("maml-train", [*SINE, "iterations=1"], cwd=tmp_path / "sine")
+    run_cli("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "omniglot")
+    for run in (only_run(tmp_path / "sine"), only_run(tmp_path / "omniglot")):
+        assert {"test/accuracy", "val/best_accuracy", "test/mse", "val/best_mse"} <= hparams_metrics(run)
 
 
 def test_two_tasks_at_once_train_the_same_curve_as_one_at_a_time(tmp_path, small_omniglot):
@@ -74,10 +101,11 @@ def test_omniglot_run_on_a_small_copy_writes_accuracy_curves(tmp_path, small_omn
     assert "meta-test accuracy after 2 inner step(s)" in result.stdout + result.stderr
 
 
-def test_multirun_writes_one_named_run_per_value(tmp_path):
+def test_multirun_names_each_run_by_the_swept_keys_alone(tmp_path):
     run_cli("maml-train", ["-m", *SINE, "iterations=2", "inner_steps=1,2"], cwd=tmp_path)
     runs = run_dirs(tmp_path)
-    assert [r.name for r in runs] == [f"dataset=sinusoid,inner_steps={k},iterations=2,meta_batch_size=3" for k in (1, 2)]
+    assert [r.name for r in runs] == ["inner_steps=1", "inner_steps=2"]  # not every override: TensorBoard cuts long names
+    assert "iterations=2" in (runs[0] / ".hydra" / "overrides.yaml").read_text()  # the full command stays with the run
     assert all(r.parent.parent == tmp_path / "outputs" / "multirun" for r in runs)
     for run, inner_steps in zip(runs, (1, 2)):
         assert steps(read_scalars(run), "train/loss") == [1, 2]
@@ -107,17 +135,23 @@ def test_resume_continues_from_the_saved_iteration_and_matches_an_uninterrupted_
     assert resumed["test/accuracy"][-1][1] == straight["test/accuracy"][-1][1]
 
 
-def test_resume_with_a_config_that_changes_results_is_refused_unless_forced(tmp_path):
+def test_resume_takes_the_runs_own_config_and_refuses_typed_keys_that_change_results_unless_forced(tmp_path):
     run_cli("maml-train", SINE, cwd=tmp_path)
     run = only_run(tmp_path)
+    # Only resume= typed: the run's config (sinusoid, 3 tasks per batch, ...) comes from the run; iterations
+    # may be raised on the way.
+    continued = run_cli("maml-train", [f"resume={run}", "iterations=6", *FAST], cwd=tmp_path)
+    assert "resumed" in continued.stdout + continued.stderr and steps(read_scalars(run), "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert only_run(tmp_path) == run
     result = run_cli("maml-train", [*SINE, "inner_lr=0.5", "shot=5", f"resume={run}"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "inner_lr: 0.01 -> 0.5" in result.stderr and "shot: 10 -> 5" in result.stderr
+    assert "inner_lr: 0.01 -> 0.5" in result.stderr and "shot: 10 -> 5" in result.stderr and "iterations:" not in result.stderr
     other_algo = run_cli("maml-train", [*SINE, "algo=lstm", f"resume={run}"], cwd=tmp_path, check=False)
     assert other_algo.returncode == 2
     assert "algo._target_: 'maml_cli.algorithms.maml.MAML' -> 'maml_cli.algorithms.lstm.RecurrentMetaLearner'" in other_algo.stderr
-    forced = run_cli("maml-train", [*SINE, "inner_lr=0.5", "iterations=6", f"resume={run}", "force_resume=true"], cwd=tmp_path)
-    assert "resumed" in forced.stdout + forced.stderr and steps(read_scalars(run), "train/loss") == [1, 2, 3, 4, 5, 6]
+    forced = run_cli("maml-train", [*SINE, "inner_lr=0.5", "iterations=8", f"resume={run}", "force_resume=true"], cwd=tmp_path)
+    assert "resumed" in forced.stdout + forced.stderr and steps(read_scalars(run), "train/loss") == list(range(1, 9))
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["inner_lr"] == 0.5
 
 
 def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small_omniglot):
@@ -131,6 +165,22 @@ def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small
         assert float(row[1]) == pytest.approx(logged[int(row[0])], abs=1e-4)
     report = json.loads((run / "eval_last_test_3w1s.json").read_text())
     assert report["tasks"] == 5 and len(report["by_inner_step"]) == 3
+
+
+def test_maml_eval_takes_a_run_directory_and_says_which_checkpoint_it_scores(tmp_path, capsys, caplog):
+    from maml_cli import evaluate
+    caplog.set_level("INFO", logger="maml_cli")
+    run_cli("maml-train", SINE, cwd=tmp_path)
+    run = only_run(tmp_path)
+    evaluate.main([f"checkpoint={run}", "test_tasks=3"])
+    assert f"{run / 'best.pt'} (iteration" in capsys.readouterr().out and "scoring its best.pt" in caplog.text
+    (run / "best.pt").unlink()
+    evaluate.main([f"checkpoint={run}", "test_tasks=3"])
+    assert f"{run / 'last.pt'} (iteration 4" in capsys.readouterr().out and "scoring its last.pt (it has no best.pt)" in caplog.text
+    (run / "last.pt").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([f"checkpoint={run}"])
+    assert exit_info.value.code == 2 and "is a directory without best.pt or last.pt" in capsys.readouterr().err
 
 
 def test_impossible_episode_is_an_error_before_training_naming_the_numbers(tmp_path, small_omniglot):
@@ -277,8 +327,6 @@ def test_bad_input_is_one_paragraph_unless_hydra_full_error_asks_for_the_traceba
                                            ("model", ["conv4", "mlp"])])
 def test_an_unknown_group_choice_lists_the_choices(tmp_path, group, choices):
     result = run_cli("maml-train", [f"{group}=nope"], cwd=tmp_path, check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"Could not find '{group}/nope'" in result.stderr
-    listed = result.stderr.split(f"Available options in '{group}':", 1)[1].split()[: len(choices)]
-    assert listed == choices
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == f"maml-train: error: {group}=nope: there is no {group} called 'nope'. Choices of {group}: {', '.join(choices)}.\n"
     assert not (tmp_path / "outputs").exists()

@@ -88,7 +88,8 @@ def test_support_steps_carry_their_own_label_and_queries_an_empty_channel():
     network.lstm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][..., -3:].clone()))
     outputs_of(learner, network, episode)
     support_channel, query_channel = seen
-    assert torch.equal(support_channel[0], torch.nn.functional.one_hot(episode.support_y, 3).float())
+    # The hot entry defaults to the square root of the embedding's width (5 here).
+    torch.testing.assert_close(support_channel[0], torch.nn.functional.one_hot(episode.support_y, 3).float() * 5 ** 0.5)
     assert torch.equal(query_channel, torch.zeros_like(query_channel)) and query_channel.shape == (6, 1, 3)
 
 

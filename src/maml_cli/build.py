@@ -17,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from maml_cli.algorithms.base import Algorithm
+from maml_cli.config import Config
 from maml_cli.errors import UserError
+from maml_cli.suggest import GROUPS, HIDDEN_FIELDS, schema_fields, unknown_key_message
 
 # Keys that may change between a run and its resumption without changing its results.
 RESUME_FREE_KEYS = {
-    "iterations", "device", "tasks_at_once", "resume", "force_resume", "progress", "log_every", "val_every", "val_tasks", "test_tasks",
+    "iterations", "device", "tasks_at_once", "threads", "resume", "force_resume", "progress", "log_every", "val_every", "val_tasks", "test_tasks",
     "checkpoint_every", "data_root", "dataset.root", "dataset.download", "patience", "model.channels_last",
 }
 
@@ -47,12 +49,15 @@ def resolve_device(spec: str) -> torch.device:
 def validate(cfg: DictConfig) -> None:
     """Check what the schema's types cannot: ranges, and keys appended with ``+`` that no schema declares."""
     problems = []
+    # Keys appended with + are not checked by Hydra against the schema; judge them by the schema's fields.
+    top_level = schema_fields(Config)
+    problems += [unknown_key_message(key, top_level + list(GROUPS)) for key in cfg if key not in top_level]
     for node_name in ("algo", "dataset", "model", "optimizer"):
         schema = OmegaConf.get_type(cfg[node_name])
         if dataclasses.is_dataclass(schema):
-            declared = {f.name for f in dataclasses.fields(schema)}
-            problems += [f"unknown key {node_name}.{key} (not in {schema.__name__}: {', '.join(sorted(declared))})"
-                         for key in cfg[node_name] if key not in declared]
+            declared = schema_fields(schema)
+            problems += [unknown_key_message(f"{node_name}.{key}", declared) for key in cfg[node_name]
+                         if key not in declared and key not in HIDDEN_FIELDS]
     for key in ("inner_lr", "outer_lr"):
         if not cfg[key] > 0:
             problems.append(f"{key} must be positive (got {cfg[key]})")
@@ -64,10 +69,12 @@ def validate(cfg: DictConfig) -> None:
     for key, low in (("train_way", 1), ("train_shot", 1), ("train_query", 1), ("presentations", 1), ("hidden_size", 1), ("layers", 1)):
         if key in cfg.algo and cfg.algo[key] < low:
             problems.append(f"algo.{key} must be at least {low} (got {cfg.algo[key]})")
+    if cfg.threads != "auto" and not (str(cfg.threads).isdigit() and int(cfg.threads) >= 1):
+        problems.append(f"threads must be auto or a whole number of at least 1 (got {cfg.threads!r})")
     if cfg.get("patience") is not None and cfg.patience < 1:
         problems.append(f"patience must be at least 1 or null (got {cfg.patience})")
     if problems:
-        raise UserError("invalid config: " + "; ".join(problems) + ".")
+        raise UserError("invalid config: " + " ".join(p if p.endswith((".", "?")) else p + "." for p in problems))
 
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -259,11 +266,64 @@ def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two flattened configs, ignoring those that do not change results."""
-    keys = sorted(set(saved) | set(current))
+def config_differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None) -> list[str]:
+    """Keys (of ``keys``, else all) whose values differ between two flattened configs, ignoring those that do not change results."""
+    keys = set(saved) | set(current) if keys is None else keys
     return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
-            for k in keys if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k)]
+            for k in sorted(keys) if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k)]
+
+
+NODES = ("algo", "dataset", "model", "optimizer", "scheduler")
+
+
+def typed_keys(overrides: list[str], current: dict[str, Any], defaults: dict[str, Any]) -> set[str]:
+    """The flattened keys that the overrides typed on a command change: those they name (a whole node for
+    ``algo=...``), and those whose composed value differs from the defaults (what ``experiment=...`` sets)."""
+    named = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    changed = {k for k in set(current) | set(defaults) if current.get(k) != defaults.get(k)}
+    return changed | {k for k in current if k in named or any(k.startswith(n + ".") for n in named)}
+
+
+def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The config a resumed run continues with, and the typed changes that would change its results.
+
+    The run's own config (``saved``, flattened) is the base: a resume needs none of the original
+    overrides. Keys in ``typed`` take the value of ``current`` (the config composed from the resume
+    command); a key this version knows and the run's config lacks takes its current default (in a
+    node, only when the node builds the same class).
+
+    Returns:
+        The flattened effective config, and ``"key: saved -> typed"`` for each typed key that differs from
+        the run's value and changes results (the caller refuses these unless forced).
+    """
+    differences = config_differences(saved, current, {k for k in typed if k not in ("resume", "force_resume")})
+    # A typed node that builds another class replaces the run's node whole (forced resumes only).
+    replaced = {n for n in NODES if f"{n}._target_" in typed and saved.get(f"{n}._target_") != current.get(f"{n}._target_")}
+    effective = {k: v for k, v in saved.items() if k.split(".", 1)[0] not in replaced}
+    for key, value in current.items():
+        node = key.split(".", 1)[0]
+        same_class = node not in NODES or node in replaced or saved.get(f"{node}._target_") == current.get(f"{node}._target_")
+        if key in typed or node in replaced or (key not in effective and same_class and not _inside_a_value(key, effective)):
+            effective[key] = value
+    return effective, differences
+
+
+def _inside_a_value(key: str, flat: dict[str, Any]) -> bool:
+    """Whether a prefix of ``key`` is itself a key of ``flat`` (``scheduler`` is null, so ``scheduler.gamma`` cannot exist)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in flat for i in range(1, len(parts)))
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"algo.inner_lr": 0.4}`` -> ``{"algo": {"inner_lr": 0.4}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
 
 
 def hparams(cfg: DictConfig, tasks: Any) -> dict[str, Any]:

@@ -67,6 +67,9 @@ class LSTMConfig:
     presentations: int = 10
     hidden_size: int = 200
     layers: int = 1
+    forget_bias: float = 1.0
+    centre: Optional[bool] = None
+    label_scale: Optional[float] = None
     grad_clip: Optional[float] = 10.0
     embedding: Embedding = Embedding.backbone
 
@@ -136,6 +139,7 @@ class Config:
     meta_batch_size: int = MISSING
     iterations: int = MISSING
     tasks_at_once: int = 1
+    threads: str = "auto"
     device: str = "auto"
     seed: int = 0
     eval_seed: int = 0
@@ -168,6 +172,28 @@ def run_name_suffix(overrides: str) -> str:
     return "_" + slug[:120]
 
 
+def swept_keys(sweep_dir: str) -> set[str] | None:
+    """The keys a multirun varies (``inner_steps`` in ``inner_steps=1,3,5``), from the sweep's ``multirun.yaml``;
+    None when the record cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        typed = list(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides.task)
+        return {o.key_or_group.lstrip("+~") for o in OverridesParser.create().parse_overrides(typed) if o.is_sweep_override()}
+    except Exception:  # no record (another launcher): the caller names the folder by every override
+        return None
+
+
+def sweep_subdir(sweep_dir: str, job_overrides: Any, override_dirname: str) -> str:
+    """A sweep member's folder: its values of the keys the sweep varies (``inner_steps=3``), so that names stay
+    short in TensorBoard's run list; every override stays in the member's ``.hydra/overrides.yaml``."""
+    varied = swept_keys(sweep_dir)
+    if varied is None:
+        return override_dirname
+    chosen = [str(o) for o in job_overrides if str(o).split("=", 1)[0].lstrip("+~") in varied]
+    return ",".join(chosen) or override_dirname or "run"
+
+
 def register() -> None:
     """Register the schemas and resolvers; called once before Hydra composes."""
     if not OmegaConf.has_resolver("maml_cli.data_root"):
@@ -177,6 +203,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("maml_cli.run_dir", lambda resume, fresh: resume if resume else fresh)
     if not OmegaConf.has_resolver("maml_cli.slug"):
         OmegaConf.register_new_resolver("maml_cli.slug", run_name_suffix)
+    if not OmegaConf.has_resolver("maml_cli.sweep_subdir"):
+        OmegaConf.register_new_resolver("maml_cli.sweep_subdir", sweep_subdir)
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
     store.store(group="schema/algo", name="maml", node=MAMLConfig)
@@ -196,3 +224,14 @@ def config_dir() -> str:
         return str(Path(packaged.__file__).parent)
     except ImportError:  # running from a source tree without installing
         return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def compose_defaults() -> Any:
+    """The config composed with no overrides at all (a ``DictConfig``): what a command changes is judged against it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside maml-train, or a test's compose context
+        return compose(config_name="config")
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config")

@@ -3,6 +3,7 @@
 Usage::
 
     maml-eval checkpoint=outputs/runs/<run>/best.pt [test_tasks=600] [test_inner_steps=N]
+    maml-eval checkpoint=outputs/runs/<run>           # a run directory: its best.pt, else its last.pt
               [split=test|val] [way=N] [shot=K] [query=Q] [eval_seed=0] [device=auto] [data_root=DIR]
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
@@ -29,6 +30,8 @@ from maml_cli.build import build_algorithm, build_model, build_tasks, resolve_de
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.loop import by_presentation, evaluate
+from maml_cli.suggest import explain_config_error
+from maml_cli.threads import choose_threads
 
 log = logging.getLogger("maml_cli")
 
@@ -44,6 +47,7 @@ class EvalConfig:
     shot: Optional[int] = None  # default: the run's shot (e.g. score a K=10-trained regressor with K=5)
     query: Optional[int] = None  # default: the run's query
     device: str = "auto"
+    threads: str = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the CPUs this process may use) or a number
     data_root: Optional[str] = None  # default: the run's data root
 
 
@@ -60,12 +64,28 @@ def parse_args(argv: list[str]) -> EvalConfig:
             raise UserError("checkpoint=<path to last.pt or best.pt> is required.")
         if cfg.split not in ("test", "val"):
             raise UserError(f"split must be test or val (got {cfg.split!r}).")
+        if cfg.threads != "auto" and not (str(cfg.threads).isdigit() and int(cfg.threads) >= 1):
+            raise UserError(f"threads must be auto or a whole number of at least 1 (got {cfg.threads!r}).")
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
-        raise UserError(f"{err}".replace("\n", "; ")) from err
+        raise UserError(explain_config_error(err) or f"{err}".replace("\n", "; ")) from err
+
+
+def checkpoint_of(path: Path) -> Path:
+    """``path`` itself, or for a run directory its ``best.pt`` (the best meta-validation score), else its ``last.pt``."""
+    if not path.is_dir():
+        return path
+    for name in ("best.pt", "last.pt"):
+        if (path / name).is_file():
+            log.info("checkpoint=%s is a run directory: scoring its %s%s", path, name,
+                     " (the best meta-validation score)" if name == "best.pt" else " (it has no best.pt)")
+            return path / name
+    raise UserError(f"checkpoint={path} is a directory without best.pt or last.pt; pass a run directory under outputs/runs/ "
+                    f"or outputs/multirun/, or a .pt file.")
 
 
 def run_eval(args: EvalConfig) -> dict:
+    args.checkpoint = str(checkpoint_of(Path(args.checkpoint)))
     state = load_checkpoint(Path(args.checkpoint), map_location="cpu")
     cfg = OmegaConf.create(state["config"])
     for key in ("test_tasks", "test_inner_steps", "eval_seed", "way", "shot", "query"):
@@ -78,6 +98,9 @@ def run_eval(args: EvalConfig) -> dict:
                         f"leave it out.")
     if args.data_root is not None and "root" in cfg.dataset:
         cfg.dataset.root = args.data_root
+    threads, why = choose_threads(str(args.threads))
+    torch.set_num_threads(threads)
+    log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)
     device = resolve_device(args.device)
     algorithm = build_algorithm(cfg)
     tasks = build_tasks(cfg)

@@ -278,6 +278,8 @@ class MetaTrainer:
     progress: bool = True
     resume_hint: str = ""
     state: TrainState = field(default_factory=TrainState)
+    # What the final meta-test scores: the weights at the end (last.pt), or best.pt after early stopping.
+    tested_checkpoint: str = "last.pt"
 
     # -- checkpoints -------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -403,6 +405,7 @@ class MetaTrainer:
                         self.save("last.pt")
                         # Score the model that stopping chose, not the one patience iterations past it.
                         self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+                        self.tested_checkpoint = "best.pt"
                         log.info("the final meta-test scores best.pt (iteration %d)", self.state.best_iteration)
                         break
                 if it % self.checkpoint_every == 0 or it == self.iterations:

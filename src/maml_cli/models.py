@@ -246,30 +246,73 @@ class RecurrentLearner(nn.Module):
         label_size: width of the label channel (the way, or 1 for regression).
         out_features: outputs per step (the way, or 1 for regression).
         hidden_size, layers: size and depth of the LSTM.
+        forget_bias: the forget gates' initial bias. PyTorch's initialisation puts it near 0, so that a cell
+            keeps about half its content per step and what the first support examples wrote has all but
+            vanished a few steps later; a positive bias (Gers et al. 2000; Jozefowicz et al. 2015) starts
+            the LSTM remembering. The bias is learned from there.
         embedding_chunk: embed the inputs of a call this many at a time (``None``: all at once). The
             embedding computes each input on its own, so chunks give the same result; on a CPU small
             chunks keep conv4's activations in cache (docs/performance.md), on a GPU one large call is faster.
     """
 
     def __init__(self, embedding: Backbone, embedding_size: int, label_size: int, out_features: int,
-                 hidden_size: int = 200, layers: int = 1, embedding_chunk: int | None = None) -> None:
+                 hidden_size: int = 200, layers: int = 1, forget_bias: float = 0.0, embedding_chunk: int | None = None) -> None:
         super().__init__()
         self.embedding = embedding
         self.mixes_examples = embedding.mixes_examples
         self.embedding_chunk = embedding_chunk
         self.lstm = nn.LSTM(embedding_size + label_size, hidden_size, num_layers=layers, batch_first=True)
+        with torch.no_grad():
+            for layer in range(layers):
+                # Gates are stacked (input, forget, cell, output) in each bias; the two biases add up.
+                getattr(self.lstm, f"bias_ih_l{layer}")[hidden_size:2 * hidden_size] = forget_bias
+                getattr(self.lstm, f"bias_hh_l{layer}")[hidden_size:2 * hidden_size] = 0.0
         self.head = nn.Linear(hidden_size, out_features)
 
-    def forward(self, x: Tensor, label_in: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Run ``(batch, steps, *item)`` inputs with ``(batch, steps, label_size)`` label channels.
+    def embed(self, inputs: Tensor) -> Tensor:
+        """``(n, *item)`` inputs to ``(n, embedding_size)`` features, ``embedding_chunk`` at a time."""
+        if self.embedding_chunk and len(inputs) > self.embedding_chunk:
+            return torch.cat([self.embedding(part) for part in inputs.split(self.embedding_chunk)])
+        return self.embedding(inputs)
 
-        Returns the per-step outputs ``(batch, steps, out_features)`` and the final LSTM state.
+    def forward(self, x: Tensor, label_in: Tensor, query_x: Tensor | None = None, centre: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Read a batch of sequences, then answer queries from where each sequence left off.
+
+        Args:
+            x: ``(batch, steps, *item)`` inputs, read in order.
+            label_in: ``(batch, steps, label_size)``: the label channel of each step.
+            query_x: ``(batch, queries, *item)`` or None. Each query is answered in one step of its own
+                from the state after its sequence's last step, with an empty (zero) label channel, so
+                queries never see each other.
+            centre: centre every embedding (queries' included) on the mean embedding of its sequence's
+                steps and scale it to the norm sqrt(embedding_size) (Wang et al. 2019's CL2N, on the set
+                being read). Random conv features share a large common component (different Omniglot
+                characters have a cosine similarity near 0.95 at initialisation); what tells them apart
+                is left after centring, and the fixed norm keeps it on the scale of the label channel.
+                Only for a sequence read whole before any scored output (a support set): otherwise a
+                step would see later inputs through the mean.
+
+        Returns:
+            The outputs of every step ``(batch, steps, out_features)``, and of every query
+            ``(batch, queries, out_features)`` (None without queries).
         """
         batch, steps = x.shape[:2]
         inputs = x.reshape(batch * steps, *x.shape[2:])
-        if self.embedding_chunk and len(inputs) > self.embedding_chunk:
-            features = torch.cat([self.embedding(part) for part in inputs.split(self.embedding_chunk)])
-        else:
-            features = self.embedding(inputs)
-        hidden, state = self.lstm(torch.cat([features.reshape(batch, steps, -1), label_in], dim=-1), state)
-        return self.head(hidden), state
+        queries = 0 if query_x is None else query_x.shape[1]
+        if query_x is not None:
+            inputs = torch.cat([inputs, query_x.reshape(batch * queries, *query_x.shape[2:])])
+        features = self.embed(inputs)  # one pass over every image of the batch
+        sequence_features = features[: batch * steps].reshape(batch, steps, -1)
+        query_features = features[batch * steps:].reshape(batch, queries, features.shape[-1])
+        if centre:
+            mean = sequence_features.mean(dim=1, keepdim=True)
+            width = sequence_features.shape[-1] ** 0.5
+            sequence_features = F.normalize(sequence_features - mean, dim=-1) * width
+            query_features = F.normalize(query_features - mean, dim=-1) * width
+        hidden, (h, c) = self.lstm(torch.cat([sequence_features, label_in], dim=-1))
+        if query_x is None:
+            return self.head(hidden), None
+        state = (h.repeat_interleave(queries, dim=1), c.repeat_interleave(queries, dim=1))
+        empty = label_in.new_zeros(batch * queries, 1, label_in.shape[-1])
+        query_hidden, _ = self.lstm(torch.cat([query_features.reshape(batch * queries, 1, -1), empty], dim=-1), state)
+        return self.head(hidden), self.head(query_hidden).reshape(batch, queries, -1)

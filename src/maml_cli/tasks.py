@@ -94,3 +94,4 @@ class TaskKind:
 
 CLASSIFICATION = TaskKind("classification", classification_objective, "accuracy", True)
 REGRESSION = TaskKind("regression", regression_objective, "mse", False)
+TASK_KINDS = (CLASSIFICATION, REGRESSION)

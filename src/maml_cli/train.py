@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
@@ -27,11 +28,14 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from maml_cli import config as config_module
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
-                            check_inner_loop_overrides, config_differences, flatten, hparams, resolve_device, settle_model_choices,
-                            validate)
+                            check_inner_loop_overrides, flatten, hparams, resolve_device, resume_config, settle_model_choices,
+                            typed_keys, unflatten, validate)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.loop import MetaTrainer, TaskThreads, by_presentation
+from maml_cli.suggest import explain_config_error
+from maml_cli.tasks import TASK_KINDS
+from maml_cli.threads import choose_threads
 
 log = logging.getLogger("maml_cli")
 
@@ -72,6 +76,23 @@ def load_resume_state(run_dir: Path) -> dict:
         raise UserError(f"cannot resume {run_dir}: {err}{hint}") from err
 
 
+def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) -> DictConfig:
+    """The run's own saved config, with what the resume command typed applied where it does not change results.
+
+    Raises:
+        UserError: a typed key would change the run's results (unless ``force_resume=true``).
+    """
+    current = flatten(cfg)
+    typed = typed_keys(overrides, current, flatten(config_module.compose_defaults()))
+    effective, differences = resume_config(flatten(resume_state["config"]), current, typed)
+    if differences and not cfg.force_resume:
+        raise UserError(f"resume={cfg.resume}: the command sets {'; '.join(differences)} (the run's value -> the typed one), "
+                        f"which would change the run's results. Leave {'these keys' if len(differences) > 1 else 'it'} out: the run's "
+                        f"config is saved with it ({Path(cfg.resume) / 'config.yaml'}), and resume=<run> alone continues it. "
+                        f"Or add force_resume=true to continue with the change.")
+    return OmegaConf.create(unflatten(effective))
+
+
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str] | None = None) -> float:
     """Meta-train as ``cfg`` says, writing everything under ``run_dir``.
 
@@ -80,22 +101,20 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     """
     validate(cfg)
     check_inner_loop_overrides(cfg, overrides, sweep)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    algorithm = build_algorithm(cfg)
-    settle_model_choices(cfg, algorithm)
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
     resume_state = None
     if not cfg.resume and (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); to continue it pass {resume_override(run_dir)}, or start the new run a second later.")
     if cfg.resume:
         resume_state = load_resume_state(Path(cfg.resume))
-        differences = config_differences(flatten(resume_state["config"]), flatten(config))
-        if differences and not cfg.force_resume:
-            raise UserError(f"resume={cfg.resume}: the config differs from the run's in ways that change results: "
-                            f"{'; '.join(differences)}. Repeat the run's overrides (see {Path(cfg.resume) / 'config.yaml'}), "
-                            f"or add force_resume=true to continue anyway.")
+        cfg = resumed_config(cfg, resume_state, overrides)
+    threads, why = choose_threads(str(cfg.threads))
+    torch.set_num_threads(threads)
+    log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    algorithm = build_algorithm(cfg)
+    settle_model_choices(cfg, algorithm)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
     tasks = build_tasks(cfg)
     samplers = build_samplers(cfg, tasks, algorithm, device)
@@ -106,7 +125,6 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     start = resume_state["iteration"] if resume_state else 0
     # purge_step drops events a killed run logged after its last checkpoint, so curves continue without duplicates.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=start + 1 if resume_state else None)
-    kept = [o for o in overrides if not o.startswith(("resume=", "force_resume="))]
     trainer = MetaTrainer(
         algorithm=algorithm, model=model, kind=tasks.kind, optimizer=optimizer,
         train_sampler=samplers["train"], val_sampler=samplers["val"], test_sampler=samplers["test"],
@@ -116,7 +134,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress,
         scheduler=scheduler, grad_clip=algorithm.grad_clip, patience=cfg.patience,
         threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device),
-        resume_hint=" ".join(["maml-train", *(shlex.quote(o) for o in kept), resume_override(run_dir)]),
+        resume_hint=f"maml-train {resume_override(run_dir)}",
     )
     metric = tasks.kind.metric
     if resume_state:
@@ -126,7 +144,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
         log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
     else:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        exp, ssi, sei = hparams_summary(hparams(cfg, tasks), {f"test/{metric}": 0, f"test/{metric}_ci95": 0, f"val/best_{metric}": 0})
+        # TensorBoard takes the HParams table's metric columns from the first run it reads: every run declares the
+        # metrics of every task kind, so classification and regression runs side by side each show theirs.
+        declared = {name: 0 for kind in TASK_KINDS for name in (f"test/{kind.metric}", f"test/{kind.metric}_ci95", f"val/best_{kind.metric}")}
+        exp, ssi, sei = hparams_summary(hparams(cfg, tasks), declared)
         for summary in (exp, ssi, sei):
             writer.file_writer.add_summary(summary)
     log.info("run directory: %s", run_dir)
@@ -147,9 +168,24 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     for name, series in by_presentation(results[-1]).items():
         log.info("meta-test %s by presentation index: %s", name,
                  ", ".join(f"{index}: {value:.4f} +- {ci:.4f}" for index, (value, ci) in sorted(series.items())))
+    tested = run_dir / trainer.tested_checkpoint
+    log.info("the meta-test scored %s (%s)", tested, f"iteration {trainer.state.best_iteration}, chosen by early stopping"
+             if trainer.tested_checkpoint == "best.pt" else f"the weights at the end, iteration {trainer.state.iteration}")
     if trainer.state.best_metric is not None:
-        log.info("best meta-validation %s: %.4f at iteration %d", metric, trainer.state.best_metric, trainer.state.best_iteration)
+        log.info("best meta-validation %s: %.4f at iteration %d (%s)", metric, trainer.state.best_metric, trainer.state.best_iteration,
+                 run_dir / "best.pt")
+    log.info("run directory: %s", run_dir)
+    log.info("curves: tensorboard --logdir %s", shlex.quote(str(outputs_folder(run_dir))))
     return results[-1][metric][0]
+
+
+def outputs_folder(run_dir: Path) -> Path:
+    """The ``outputs`` folder holding a run (``outputs/runs/<run>``, ``outputs/multirun/<sweep>/<run>``), where
+    TensorBoard shows it beside the others; the run directory itself when it lies elsewhere."""
+    for parent in run_dir.parents:
+        if parent.name == "outputs":
+            return parent
+    return run_dir
 
 
 def sweep_overrides(hydra_cfg: DictConfig) -> list[str] | None:
@@ -172,6 +208,8 @@ def remove_if_nothing_trained(run_dir: Path, resumed: bool) -> None:
 
 
 config_module.register()
+# Whether the user set HYDRA_FULL_ERROR=1 (main() sets it for Hydra in any case).
+_user_wants_tracebacks = False
 
 
 @hydra.main(version_base="1.3", config_path=config_module.config_dir(), config_name="config")
@@ -182,7 +220,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         return train(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_overrides(hydra_cfg))
     except UserError as err:
         remove_if_nothing_trained(run_dir, resumed=bool(cfg.resume))
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if _user_wants_tracebacks:
             raise
         print(f"maml-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -198,7 +236,26 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """Console script ``maml-train``."""
-    _hydra_main()
+    # Hydra prints a composition error (a misspelt key, an unknown choice, a wrong type) in its own words,
+    # suggesting +key=value for a misspelling; with HYDRA_FULL_ERROR=1 it raises instead, so the error can
+    # be explained here in one paragraph. The user's own HYDRA_FULL_ERROR=1 still shows tracebacks.
+    global _user_wants_tracebacks
+    _user_wants_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except HydraException as err:
+        if _user_wants_tracebacks:
+            raise
+        explanation = explain_config_error(err) or str(err).strip().splitlines()[0]
+        print(f"maml-train: error: {explanation}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 if __name__ == "__main__":

@@ -1,12 +1,7 @@
 """A black-box recurrent meta-learner (Hochreiter, Younger & Conwell 2001; Santoro et al. 2016).
 
-An LSTM reads a task as a sequence. At step t it sees the input x_t together with
-the label of step t-1 (one-hot for classification, the target value for
-regression; zeros at t=0) and predicts the label of x_t. Labels are permuted
-afresh in every episode, so the only way to be right is to learn, within the
-sequence, which input went with which label: the learning happens in the
-LSTM's state, and meta-training shapes how.
-
+An LSTM reads a task as a sequence of inputs, each with a label channel (one-hot
+for classification, the target value for regression), and predicts labels.
 Two protocols:
 
 - ``sequence`` (Santoro et al.): the episode is ``way`` classes, each presented
@@ -21,36 +16,41 @@ Two protocols:
   each support step carries its own label; every query is then classified from the
   state after the support set, in one step whose label channel is empty (zeros), so
   queries do not see each other. This gives an N-way K-shot accuracy comparable to
-  MAML's and ProtoNet's.
+  MAML's and ProtoNet's. The embeddings are centred on the support set's mean
+  (``centre``), which the support set allows since it is read whole before any
+  query is scored.
 
 Labels are permuted afresh in every episode, so the only way to be right is to
 learn, within the sequence, which input went with which label: the learning
 happens in the LSTM's state, and meta-training shapes how.
 
 All episodes of a meta-batch go through the network together: their inputs are
-embedded in one call and the LSTM runs them as one batch of sequences. The
+embedded in one pass and the LSTM runs them as one batch of sequences. The
 embedding must therefore compute each input on its own (``per_example_network``):
 the build gives conv4 per-example normalisation and refuses a model that mixes
 the examples of a batch, where a later image would change an earlier step's output.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from maml_cli.algorithms.base import Forward, Metrics, Params
+from maml_cli.errors import UserError
 from maml_cli.models import Backbone, Identity, RecurrentLearner
 from maml_cli.tasks import EpisodeBatch, Objective
 
 PROTOCOLS = ("sequence", "support_query")
 
 
-def label_channel(targets: Tensor, label_size: int, dtype: torch.dtype) -> Tensor:
-    """Labels as the LSTM reads them, ``(..., steps, label_size)``: one-hot rows for class indices
-    ``(..., steps)``, the values themselves for regression targets ``(..., steps, 1)``."""
+def label_channel(targets: Tensor, label_size: int, dtype: torch.dtype, hot: float = 1.0) -> Tensor:
+    """Labels as the LSTM reads them, ``(..., steps, label_size)``: one-hot rows with ``hot`` as the hot
+    entry for class indices ``(..., steps)``, the values themselves for regression targets ``(..., steps, 1)``."""
     if not targets.is_floating_point():
-        return F.one_hot(targets, label_size).to(dtype)
+        return F.one_hot(targets, label_size).to(dtype) * hot
     return targets.to(dtype)
 
 
@@ -86,6 +86,17 @@ class RecurrentMetaLearner:
         protocol: ``sequence`` or ``support_query`` (see the module docstring).
         presentations: instances of each class in a ``sequence`` episode (10 in Santoro et al.).
         hidden_size, layers: size and depth of the LSTM.
+        forget_bias: initial bias of the LSTM's forget gates (see :class:`~maml_cli.models.RecurrentLearner`).
+        centre: ``support_query`` only (``None``: on there, off for ``sequence``): embeddings are centred
+            on the support set's mean embedding and brought to a fixed norm before the LSTM reads them,
+            the queries' on the same mean (see :class:`~maml_cli.models.RecurrentLearner`); without it,
+            meta-training on Omniglot sat at chance for thousands of updates (docs/results.md). The ``sequence`` protocol scores every step,
+            so no step may see the mean of later ones: there it is an error.
+        label_scale: the hot entry of a one-hot label; ``None``: the square root of the embedding's
+            width, about the norm of an embedding whose units are of order one (conv4's 64 features
+            have a norm near 9 at initialisation). With a hot entry of 1 the label is a small part of
+            what the gates see, and meta-training sits at chance for thousands of updates before the
+            LSTM starts to bind labels to inputs (docs/results.md). Regression targets are read as they are.
         grad_clip: the meta-training loop clips the gradient norm to this (recurrent
             networks need it); ``None`` for no clipping.
         embedding: ``backbone``: the model without its head embeds each input;
@@ -101,12 +112,18 @@ class RecurrentMetaLearner:
     per_example_network = True
 
     def __init__(self, protocol: str = "support_query", presentations: int = 10, hidden_size: int = 200, layers: int = 1,
+                 forget_bias: float = 1.0, centre: bool | None = None, label_scale: float | None = None,
                  grad_clip: float | None = 10.0, embedding: str = "backbone") -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"algo.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if protocol == "sequence" and centre:
+            raise UserError("algo.centre=true needs algo.protocol=support_query: the sequence protocol scores every step, and "
+                            "centring on the sequence's mean embedding would let a step see the images after it. Leave algo.centre unset.")
+        self.centre = protocol == "support_query" if centre is None else centre
         self.protocol = protocol
         self.presentations = presentations
-        self.hidden_size, self.layers = hidden_size, layers
+        self.hidden_size, self.layers, self.forget_bias = hidden_size, layers, forget_bias
+        self.label_scale = label_scale
         self.grad_clip = grad_clip
         self.embedding = embedding
 
@@ -118,7 +135,7 @@ class RecurrentMetaLearner:
         """
         embedding = Identity(input_size) if self.embedding == "raw" else backbone
         return RecurrentLearner(embedding, embedding.embedding_size, label_size, out_features, self.hidden_size, self.layers,
-                                embedding_chunk)
+                                self.forget_bias, embedding_chunk)
 
     def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
         """``sequence`` episodes are ``way`` classes x ``presentations`` instances and no separate query set."""
@@ -127,20 +144,16 @@ class RecurrentMetaLearner:
     def predictions(self, forward: Forward, params: Params, episodes: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """The outputs that are scored, with their targets: every step (``sequence``) or the queries (``support_query``),
         ``(episodes, steps, outputs)`` and ``(episodes, steps)`` (``(episodes, steps, 1)`` for regression)."""
-        # The label channel is as wide as the output: the way, or 1 for regression.
+        # The label channel is as wide as the output (the way, or 1 for regression); the rest of the LSTM's input is the embedding.
         label_size = params["head.weight"].shape[0]
-        support = label_channel(episodes.support_y, label_size, episodes.support_x.dtype)
+        embedding_width = params["lstm.weight_ih_l0"].shape[1] - label_size
+        hot = self.label_scale if self.label_scale is not None else math.sqrt(embedding_width)
+        support = label_channel(episodes.support_y, label_size, episodes.support_x.dtype, hot)
         if self.protocol == "sequence":
             outputs, _ = forward(params, episodes.support_x, previous_labels(support))
             return outputs, episodes.support_y
-        _, (h, c) = forward(params, episodes.support_x, support)
-        # Every query is a sequence of one step that starts from its episode's support state.
-        n_episodes, n_query = episodes.query_x.shape[:2]
-        state = (h.repeat_interleave(n_query, dim=1), c.repeat_interleave(n_query, dim=1))
-        query_x = episodes.query_x.reshape(n_episodes * n_query, 1, *episodes.query_x.shape[2:])
-        empty = support.new_zeros(n_episodes * n_query, 1, label_size)
-        outputs, _ = forward(params, query_x, empty, state)
-        return outputs.reshape(n_episodes, n_query, -1), episodes.query_y
+        _, query_outputs = forward(params, episodes.support_x, support, episodes.query_x, self.centre)
+        return query_outputs, episodes.query_y
 
     def _score(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
         outputs, targets = self.predictions(forward, params, episodes)

@@ -1,0 +1,93 @@
+"""Config errors in one paragraph, with the closest known names ("did you mean")."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+
+from hydra.errors import MissingConfigException
+from omegaconf import MISSING
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+# Config groups a user chooses from at the top level (``algo=protonet``).
+GROUPS = ("algo", "dataset", "model", "experiment")
+# Fields of the structured configs that Hydra uses, not the user.
+HIDDEN_FIELDS = {"_target_", "_partial_"}
+
+
+def closest(word: str, choices: list[str] | tuple[str, ...], n: int = 3) -> list[str]:
+    """The known names nearest to ``word``, best first (none when nothing is close)."""
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """``" Did you mean inner_steps?"``, or an empty string when nothing is close."""
+    near = closest(word, choices)
+    return f" Did you mean {' or '.join(near)}?" if near else ""
+
+
+def schema_fields(schema: type | None) -> list[str]:
+    """The keys a structured-config dataclass declares, without Hydra's own."""
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return []
+    return [f.name for f in dataclasses.fields(schema) if f.name not in HIDDEN_FIELDS]
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    """``unknown key inner_setps. Did you mean inner_steps? ...``: for a key no schema declares."""
+    leaf = key.rsplit(".", 1)[-1]
+    known = list(dict.fromkeys(known))
+    suggestion = did_you_mean(leaf, known)
+    if suggestion:
+        return f"unknown key {key}.{suggestion}"
+    where = f" under {key.rsplit('.', 1)[0]}" if "." in key else ""
+    return f"unknown key {key}. Keys{where}: {', '.join(sorted(known))}."
+
+
+def _example(key: str, schema: type | None, number: str, value: str) -> str:
+    try:
+        as_float = float(value)
+        if number == "an integer" and as_float.is_integer():
+            return f"{key}={int(as_float)}"
+    except ValueError:
+        pass
+    field = next((f for f in dataclasses.fields(schema) if f.name == key.rsplit(".", 1)[-1]), None) if schema and dataclasses.is_dataclass(schema) else None
+    if field is not None and field.default is not dataclasses.MISSING and field.default is not MISSING and field.default is not None:
+        return f"{key}={field.default}"
+    return f"{key}={5 if number == 'an integer' else 0.1}"
+
+
+def explain_config_error(error: BaseException) -> str | None:
+    """A one-paragraph explanation of a config composition or merge error, or None if it is not one.
+
+    Handles an unknown group choice (``algo=mamal``), an unknown key (``inner_setps=3``) and a
+    value of the wrong type (``iterations=1e3``, ``dataset.split=alphabetical``).
+    """
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        group, _, choice = error.missing_cfg_file.rpartition("/")
+        options = [str(o) for o in error.options]
+        return (f"{group}={choice}: there is no {group} called {choice!r}.{did_you_mean(choice, options)} "
+                f"Choices of {group}: {', '.join(options)}.")
+    cause = error.__cause__ if error.__cause__ is not None else error
+    key = getattr(cause, "full_key", None)
+    schema = getattr(cause, "object_type", None)
+    if not key:
+        return None
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        known = schema_fields(schema) + ([g for g in GROUPS] if "." not in key else [])
+        return unknown_key_message(key, known)
+    if isinstance(cause, ValidationError):
+        message = str(cause).splitlines()[0]
+        converted = re.match(r"Value '(.*)' of type '\w+' could not be converted to (Integer|Float)", message)
+        if converted:
+            value, number = converted.group(1), "an integer" if converted.group(2) == "Integer" else "a number"
+            return f"{key} must be {number} (got {value!r}), e.g. {_example(key, schema, number, value)}."
+        choice = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", message)
+        if choice:
+            value, options = choice.group(1), [o.strip() for o in choice.group(2).split(",")]
+            return f"{key}={value} is not one of {', '.join(options)}.{did_you_mean(value, options)}"
+        boolean = re.match(r"Value '(.*)' is not a valid bool", message)
+        if boolean:
+            return f"{key} must be true or false (got {boolean.group(1)!r})."
+        return f"{key}: {message}."
+    return None

@@ -1,0 +1,54 @@
+"""How many threads torch computes with: the CPUs this process may use, not the machine's count."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs the cgroup's CPU quota allows this process (``cpu.max`` of cgroup v2, ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` of v1), or None when there is no quota or it cannot be read."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus(root: Path = CGROUP_ROOT) -> tuple[int, str]:
+    """The CPUs this process may use: its affinity mask, capped by the cgroup CPU quota; with how that was decided."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+        source = f"{affinity} CPUs in this process's affinity mask"
+    except AttributeError:  # not Linux
+        affinity = os.cpu_count() or 1
+        source = f"{affinity} CPUs"
+    quota = cgroup_cpu_quota(root)
+    if quota is not None and math.ceil(quota) < affinity:
+        return max(1, math.ceil(quota)), f"{source}, cgroup CPU quota {quota:g}"
+    return affinity, source
+
+
+def choose_threads(setting: str, root: Path = CGROUP_ROOT) -> tuple[int, str]:
+    """The thread count for ``threads=<setting>`` (``auto`` or a positive integer), and why.
+
+    ``auto``: ``OMP_NUM_THREADS`` when it is set (the user or the job scheduler chose), else
+    :func:`usable_cpus`: a job limited to 4 CPUs of a 64-core node computes on 4 threads, where
+    torch's own default would start one per core of the node.
+    """
+    if setting != "auto":
+        return int(setting), "threads=" + setting
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), f"auto: OMP_NUM_THREADS={omp}"
+    count, source = usable_cpus(root)
+    return count, f"auto: {source}"
