@@ -236,3 +236,29 @@ def test_with_conv4_a_step_never_sees_a_later_image_and_queries_stay_apart_acros
         torch.testing.assert_close(changed[1, :-1] if protocol == "sequence" else changed[1, 0],
                                    outputs[1, :-1] if protocol == "sequence" else outputs[1, 0], rtol=0, atol=0)
         assert not torch.allclose(changed[1], outputs[1])
+
+
+def test_episode_shapes_and_centring_only_where_the_support_set_is_read_whole():
+    learner = RecurrentMetaLearner(train_query=1)
+    assert learner.episode_shape("train", 5, 1, 15) == (5, 1, 1)
+    assert learner.episode_shape("test", 5, 1, 15) == (5, 1, 15) and learner.centre
+    sequence = RecurrentMetaLearner(protocol="sequence", presentations=10)
+    assert sequence.episode_shape("train", 5, 1, 15) == (5, 10, 0) and not sequence.centre
+    from maml_cli.errors import UserError
+    with pytest.raises(UserError, match="algo.centre=true needs algo.protocol=support_query"):
+        RecurrentMetaLearner(protocol="sequence", centre=True)
+
+
+def test_centring_is_on_the_support_set_and_leaves_a_fixed_norm():
+    # CL2N on the support set: every embedding the LSTM reads has norm sqrt(width), and adding the same vector
+    # to every input of the episode (a common component) changes nothing.
+    learner, network = learner_and_network(protocol="support_query", dtype=torch.float64)
+    episode = support_query_episode(dtype=torch.float64)
+    seen = []
+    network.lstm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][..., :5].clone()))
+    outputs = outputs_of(learner, network, episode)
+    for features in seen:
+        torch.testing.assert_close(features.norm(dim=-1), torch.full(features.shape[:-1], 5 ** 0.5, dtype=torch.float64))
+    shift = torch.randn(5, dtype=torch.float64)
+    shifted = outputs_of(learner, network, Episode(episode.support_x + shift, episode.support_y, episode.query_x + shift, episode.query_y))
+    torch.testing.assert_close(shifted, outputs)

@@ -27,6 +27,7 @@ def test_cgroup_v2_and_v1_quotas_are_read(tmp_path):
 
 def test_a_cgroup_quota_below_the_affinity_mask_caps_the_threads(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
     (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one thread
     assert usable_cpus(tmp_path)[0] == 1 and "cgroup CPU quota 0.5" in usable_cpus(tmp_path)[1]
     (tmp_path / "cpu.max").write_text(f"{100000 * 64} 100000\n")  # a quota above the mask does not raise it
@@ -38,6 +39,24 @@ def test_omp_num_threads_and_a_number_are_taken_as_given(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert choose_threads("auto") == (3, "auto: OMP_NUM_THREADS=3")
     assert choose_threads("5")[0] == 5
+
+
+def test_cpus_other_processes_keep_busy_are_left_to_them(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("maml_cli.threads.cgroup_cpu_quota", lambda root: None)
+    monkeypatch.setattr("os.getloadavg", lambda: (2.6, 2.0, 1.0))
+    threads, why = choose_threads("auto")
+    assert threads == 1 and "about 3 kept busy by other processes" in why
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert choose_threads("auto")[0] == 1  # never fewer than one
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.1, 0.0))
+    assert choose_threads("auto") == (4, "auto: 4 CPUs in this process's affinity mask")
+    # A share of a bigger machine (a cluster job's mask): the machine-wide load average says nothing about it.
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.getloadavg", lambda: (40.0, 40.0, 40.0))
+    assert choose_threads("auto")[0] == 4
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to restrict the mask to fewer")

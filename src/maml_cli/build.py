@@ -67,7 +67,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg[key] < low:
             problems.append(f"{key} must be at least {low} (got {cfg[key]})")
     for key, low in (("train_way", 1), ("train_shot", 1), ("train_query", 1), ("presentations", 1), ("hidden_size", 1), ("layers", 1)):
-        if key in cfg.algo and cfg.algo[key] < low:
+        if cfg.algo.get(key) is not None and cfg.algo[key] < low:
             problems.append(f"algo.{key} must be at least {low} (got {cfg.algo[key]})")
     if cfg.threads != "auto" and not (str(cfg.threads).isdigit() and int(cfg.threads) >= 1):
         problems.append(f"threads must be auto or a whole number of at least 1 (got {cfg.threads!r})")

@@ -72,6 +72,7 @@ class LSTMConfig:
     label_scale: Optional[float] = None
     grad_clip: Optional[float] = 10.0
     embedding: Embedding = Embedding.backbone
+    train_query: Optional[int] = None
 
 
 @dataclass

@@ -38,12 +38,25 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> tuple[int, str]:
     return affinity, source
 
 
+def busy_cpus(usable: int) -> int:
+    """CPUs other processes keep busy, from the 1-minute load average, when this process may use every CPU of
+    the machine (the load average counts the whole machine, so it says nothing about a share of it); else 0."""
+    if usable < (os.cpu_count() or usable):
+        return 0
+    try:
+        return min(usable, int(os.getloadavg()[0] + 0.5))
+    except OSError:
+        return 0
+
+
 def choose_threads(setting: str, root: Path = CGROUP_ROOT) -> tuple[int, str]:
     """The thread count for ``threads=<setting>`` (``auto`` or a positive integer), and why.
 
-    ``auto``: ``OMP_NUM_THREADS`` when it is set (the user or the job scheduler chose), else
-    :func:`usable_cpus`: a job limited to 4 CPUs of a 64-core node computes on 4 threads, where
-    torch's own default would start one per core of the node.
+    ``auto``: ``OMP_NUM_THREADS`` when it is set (the user or the job scheduler chose); else the
+    CPUs this process may use (:func:`usable_cpus`: a job limited to 4 CPUs of a 64-core node
+    computes on 4 threads, where torch's own default would start one per core of the node), less
+    those other processes keep busy (:func:`busy_cpus`): on a shared machine, threads that wait for
+    a busy core slow every step (docs/performance.md).
     """
     if setting != "auto":
         return int(setting), "threads=" + setting
@@ -51,4 +64,7 @@ def choose_threads(setting: str, root: Path = CGROUP_ROOT) -> tuple[int, str]:
     if omp.isdigit() and int(omp) > 0:
         return int(omp), f"auto: OMP_NUM_THREADS={omp}"
     count, source = usable_cpus(root)
+    busy = busy_cpus(count)
+    if busy:
+        return max(1, count - busy), f"auto: {source}, about {busy} kept busy by other processes (load average)"
     return count, f"auto: {source}"

@@ -101,6 +101,9 @@ class RecurrentMetaLearner:
             networks need it); ``None`` for no clipping.
         embedding: ``backbone``: the model without its head embeds each input;
             ``raw``: the flattened input itself (sinusoid's x).
+        train_query: ``support_query``: queries per class of meta-training episodes (``None``: the run's
+            ``query``); meta-validation and meta-test use the run's ``query``. Queries cost an embedding
+            each, and one per class is enough signal to train on.
 
     Example:
         >>> learner = RecurrentMetaLearner(protocol="sequence", presentations=10)
@@ -113,7 +116,7 @@ class RecurrentMetaLearner:
 
     def __init__(self, protocol: str = "support_query", presentations: int = 10, hidden_size: int = 200, layers: int = 1,
                  forget_bias: float = 1.0, centre: bool | None = None, label_scale: float | None = None,
-                 grad_clip: float | None = 10.0, embedding: str = "backbone") -> None:
+                 grad_clip: float | None = 10.0, embedding: str = "backbone", train_query: int | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"algo.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if protocol == "sequence" and centre:
@@ -126,6 +129,7 @@ class RecurrentMetaLearner:
         self.label_scale = label_scale
         self.grad_clip = grad_clip
         self.embedding = embedding
+        self.train_query = train_query
 
     def make_network(self, backbone: Backbone, input_size: int, label_size: int, out_features: int,
                      embedding_chunk: int | None = None) -> RecurrentLearner:
@@ -138,8 +142,11 @@ class RecurrentMetaLearner:
                                 self.forget_bias, embedding_chunk)
 
     def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
-        """``sequence`` episodes are ``way`` classes x ``presentations`` instances and no separate query set."""
-        return (way, self.presentations, 0) if self.protocol == "sequence" else (way, shot, query)
+        """``sequence`` episodes are ``way`` classes x ``presentations`` instances and no separate query set;
+        ``support_query`` meta-training episodes have ``train_query`` queries per class."""
+        if self.protocol == "sequence":
+            return way, self.presentations, 0
+        return way, shot, self.train_query if split == "train" and self.train_query is not None else query
 
     def predictions(self, forward: Forward, params: Params, episodes: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """The outputs that are scored, with their targets: every step (``sequence``) or the queries (``support_query``),
