@@ -216,7 +216,8 @@ def step_loop(setting: Setting) -> Callable:
                 # The label's hot entry: the square root of the embedding's width (maml-cli's default label_scale).
                 one_hot = F.one_hot(e.support_y, setting.way).to(e.support_x.dtype) * model.embedding.embedding_size ** 0.5
                 shifted = torch.cat([torch.zeros_like(one_hot[:1]), one_hot[:-1]])
-                outputs, _ = model(e.support_x[None], shifted[None])
+                # Each step centred on the mean embedding of the steps so far (maml-cli's default for sequence).
+                outputs, _ = model(e.support_x[None], shifted[None], None, "running")
                 (F.cross_entropy(outputs[0], e.support_y) / len(episodes)).backward()
     return step
 
@@ -265,7 +266,7 @@ def step_fwd_bwd(setting: Setting) -> Callable:
     def step(model, episodes):
         if setting.algo == "lstm":
             x, y = torch.stack([e.support_x for e in episodes]), torch.stack([e.support_y for e in episodes])
-            outputs, _ = model(x, torch.zeros(*y.shape, setting.way, dtype=x.dtype, device=x.device))
+            outputs, _ = model(x, torch.zeros(*y.shape, setting.way, dtype=x.dtype, device=x.device), None, "running")
             F.cross_entropy(outputs.flatten(0, 1), y.flatten()).backward()
             return
         for e in episodes:

@@ -186,6 +186,8 @@ def test_a_config_file_with_a_misspelt_key_is_rejected(tmp_path):
     ("algo=protonet algo.train_shot=0", "algo.train_shot must be at least 1"),
     ("patience=0", "patience must be at least 1 or null"),
     ("tasks_at_once=0", "tasks_at_once must be at least 1"),
+    ("threads=many", "threads must be auto or a whole number of at least 1"),
+    ("threads=0", "threads must be auto or a whole number of at least 1"),
 ])
 def test_out_of_range_values_are_user_errors(override, message):
     with pytest.raises(UserError, match=message):

@@ -60,7 +60,9 @@ def test_sequence_step_t_sees_neither_its_own_label_nor_a_later_image():
         changed_x[t] += 1.0
         changed = outputs_of(learner, network, Episode(changed_x, episode.support_y, episode.query_x, episode.query_y))
         torch.testing.assert_close(changed[:t], outputs[:t], rtol=0, atol=0)
-        assert not torch.allclose(changed[t], outputs[t])
+        # Centred on the mean of the steps so far, the first step is zero whatever its image; its image
+        # still reaches the next step through that mean.
+        assert not torch.allclose(changed[t if t else 1], outputs[t if t else 1])
 
 
 def test_support_query_reads_labelled_support_and_scores_each_query_from_the_support_state_alone():
@@ -238,15 +240,36 @@ def test_with_conv4_a_step_never_sees_a_later_image_and_queries_stay_apart_acros
         assert not torch.allclose(changed[1], outputs[1])
 
 
-def test_episode_shapes_and_centring_only_where_the_support_set_is_read_whole():
+def test_episode_shapes_and_centring_on_by_default():
     learner = RecurrentMetaLearner(train_query=1)
     assert learner.episode_shape("train", 5, 1, 15) == (5, 1, 1)
     assert learner.episode_shape("test", 5, 1, 15) == (5, 1, 15) and learner.centre
     sequence = RecurrentMetaLearner(protocol="sequence", presentations=10)
-    assert sequence.episode_shape("train", 5, 1, 15) == (5, 10, 0) and not sequence.centre
-    from maml_cli.errors import UserError
-    with pytest.raises(UserError, match="algo.centre=true needs algo.protocol=support_query"):
-        RecurrentMetaLearner(protocol="sequence", centre=True)
+    assert sequence.episode_shape("train", 5, 1, 15) == (5, 10, 0) and sequence.centre
+    assert not RecurrentMetaLearner(protocol="sequence", centre=False).centre
+
+
+def embeddings_read_and_outputs(learner, network, episode, features=5):
+    """What the LSTM reads as embeddings (one tensor per call of the LSTM), and the scored outputs."""
+    seen = []
+    hook = network.lstm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][..., :features].clone()))
+    outputs = outputs_of(learner, network, episode)
+    hook.remove()
+    return seen, outputs
+
+
+def test_sequence_centring_uses_only_the_steps_so_far_and_leaves_a_fixed_norm():
+    # Each step is centred on the mean embedding of its sequence up to and including it: the first step is
+    # zero, every later one has norm sqrt(width), and a vector added to every input changes nothing.
+    learner, network = learner_and_network(protocol="sequence", dtype=torch.float64)
+    episode = sequence_episode(dtype=torch.float64)
+    seen, outputs = embeddings_read_and_outputs(learner, network, episode)
+    x = episode.support_x
+    expected = x - x.cumsum(0) / torch.arange(1, len(x) + 1, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(seen[0][0, 1:], torch.nn.functional.normalize(expected[1:], dim=-1) * 5 ** 0.5)
+    assert torch.equal(seen[0][0, 0], torch.zeros(5, dtype=torch.float64))
+    shifted = outputs_of(learner, network, Episode(x + torch.randn(5, dtype=torch.float64), episode.support_y, x[:0], episode.query_y))
+    torch.testing.assert_close(shifted, outputs)
 
 
 def test_centring_is_on_the_support_set_and_leaves_a_fixed_norm():
@@ -254,9 +277,7 @@ def test_centring_is_on_the_support_set_and_leaves_a_fixed_norm():
     # to every input of the episode (a common component) changes nothing.
     learner, network = learner_and_network(protocol="support_query", dtype=torch.float64)
     episode = support_query_episode(dtype=torch.float64)
-    seen = []
-    network.lstm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][..., :5].clone()))
-    outputs = outputs_of(learner, network, episode)
+    seen, outputs = embeddings_read_and_outputs(learner, network, episode)
     for features in seen:
         torch.testing.assert_close(features.norm(dim=-1), torch.full(features.shape[:-1], 5 ** 0.5, dtype=torch.float64))
     shift = torch.randn(5, dtype=torch.float64)

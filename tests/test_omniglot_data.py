@@ -149,3 +149,26 @@ def test_a_data_root_that_is_a_file_is_named_as_such(tmp_path):
     not_a_folder.write_text("not a folder")
     with pytest.raises(DataError, match=f"data_root={not_a_folder} is a file, not a folder"):
         ensure_files(not_a_folder, download=False)
+
+
+def test_a_run_waits_while_another_prepares_the_same_data_root(tmp_path):
+    # Runs started together share a data root: while one holds the preparation lock (extracting,
+    # decoding), another must wait rather than list or replace half-extracted folders.
+    import fcntl
+    import threading
+    write_small_omniglot(tmp_path / "src", {"images_background": {"A": 2}, "images_evaluation": {"B": 2}}, images=2)
+    folder = tmp_path / "root" / "omniglot-py"
+    folder.mkdir(parents=True)
+    for set_name in ("images_background", "images_evaluation"):
+        shutil.make_archive(str(folder / set_name), "zip", tmp_path / "src" / "omniglot-py", set_name)
+    loaded = []
+    with open(tmp_path / "root" / ".omniglot-py.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        thread = threading.Thread(target=lambda: loaded.append(omniglot.load_images(tmp_path / "root", check_counts=False, download=False)))
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not (folder / "images_background").exists()
+        fcntl.flock(held, fcntl.LOCK_UN)
+    thread.join(timeout=60)
+    images, listing = loaded[0]
+    assert images.shape == (4, 2, 28, 28) and len(listing.characters) == 4

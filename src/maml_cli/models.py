@@ -275,7 +275,7 @@ class RecurrentLearner(nn.Module):
             return torch.cat([self.embedding(part) for part in inputs.split(self.embedding_chunk)])
         return self.embedding(inputs)
 
-    def forward(self, x: Tensor, label_in: Tensor, query_x: Tensor | None = None, centre: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, label_in: Tensor, query_x: Tensor | None = None, centre: str = "off") -> tuple[Tensor, Tensor | None]:
         """Read a batch of sequences, then answer queries from where each sequence left off.
 
         Args:
@@ -284,13 +284,14 @@ class RecurrentLearner(nn.Module):
             query_x: ``(batch, queries, *item)`` or None. Each query is answered in one step of its own
                 from the state after its sequence's last step, with an empty (zero) label channel, so
                 queries never see each other.
-            centre: centre every embedding (queries' included) on the mean embedding of its sequence's
-                steps and scale it to the norm sqrt(embedding_size) (Wang et al. 2019's CL2N, on the set
-                being read). Random conv features share a large common component (different Omniglot
-                characters have a cosine similarity near 0.95 at initialisation); what tells them apart
-                is left after centring, and the fixed norm keeps it on the scale of the label channel.
-                Only for a sequence read whole before any scored output (a support set): otherwise a
-                step would see later inputs through the mean.
+            centre: ``off``; ``whole``: centre every embedding (queries' included) on the mean embedding of its
+                sequence's steps, for a sequence read whole before any scored output (a support set);
+                ``running``: centre each step on the mean of its sequence's steps up to and including it, so no
+                step sees a later input (the first step of a sequence becomes zero). Centred embeddings are
+                scaled to the norm sqrt(embedding_size) (Wang et al. 2019's CL2N, on the set being read).
+                Random conv features share a large common component (different Omniglot characters have a
+                cosine similarity near 0.95 at initialisation); what tells them apart is left after centring,
+                and the fixed norm keeps it on the scale of the label channel.
 
         Returns:
             The outputs of every step ``(batch, steps, out_features)``, and of every query
@@ -304,11 +305,18 @@ class RecurrentLearner(nn.Module):
         features = self.embed(inputs)  # one pass over every image of the batch
         sequence_features = features[: batch * steps].reshape(batch, steps, -1)
         query_features = features[batch * steps:].reshape(batch, queries, features.shape[-1])
-        if centre:
+        width = sequence_features.shape[-1] ** 0.5
+        if centre == "whole":
             mean = sequence_features.mean(dim=1, keepdim=True)
-            width = sequence_features.shape[-1] ** 0.5
             sequence_features = F.normalize(sequence_features - mean, dim=-1) * width
             query_features = F.normalize(query_features - mean, dim=-1) * width
+        elif centre == "running":
+            seen = torch.arange(1, steps + 1, device=x.device, dtype=sequence_features.dtype).reshape(1, steps, 1)
+            mean_so_far = sequence_features.cumsum(dim=1) / seen
+            sequence_features = F.normalize(sequence_features - mean_so_far, dim=-1) * width
+            query_features = F.normalize(query_features - mean_so_far[:, -1:], dim=-1) * width
+        elif centre != "off":
+            raise ValueError(f"centre={centre!r} is not one of off, whole, running")
         hidden, (h, c) = self.lstm(torch.cat([sequence_features, label_in], dim=-1))
         if query_x is None:
             return self.head(hidden), None

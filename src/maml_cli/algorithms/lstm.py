@@ -18,7 +18,8 @@ Two protocols:
   queries do not see each other. This gives an N-way K-shot accuracy comparable to
   MAML's and ProtoNet's. The embeddings are centred on the support set's mean
   (``centre``), which the support set allows since it is read whole before any
-  query is scored.
+  query is scored; in ``sequence`` each step is centred on the mean of the steps
+  up to it.
 
 Labels are permuted afresh in every episode, so the only way to be right is to
 learn, within the sequence, which input went with which label: the learning
@@ -39,7 +40,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maml_cli.algorithms.base import Forward, Metrics, Params
-from maml_cli.errors import UserError
 from maml_cli.models import Backbone, Identity, RecurrentLearner
 from maml_cli.tasks import EpisodeBatch, Objective
 
@@ -87,11 +87,11 @@ class RecurrentMetaLearner:
         presentations: instances of each class in a ``sequence`` episode (10 in Santoro et al.).
         hidden_size, layers: size and depth of the LSTM.
         forget_bias: initial bias of the LSTM's forget gates (see :class:`~maml_cli.models.RecurrentLearner`).
-        centre: ``support_query`` only (``None``: on there, off for ``sequence``): embeddings are centred
-            on the support set's mean embedding and brought to a fixed norm before the LSTM reads them,
-            the queries' on the same mean (see :class:`~maml_cli.models.RecurrentLearner`); without it,
-            meta-training on Omniglot sat at chance for thousands of updates (docs/results.md). The ``sequence`` protocol scores every step,
-            so no step may see the mean of later ones: there it is an error.
+        centre: centre the embeddings and bring them to a fixed norm before the LSTM reads them
+            (``None``: on). ``support_query`` centres on the support set's mean embedding, the queries on the
+            same mean; ``sequence`` scores every step, so each step is centred on the mean of the steps up to
+            it and never on a later one (see :class:`~maml_cli.models.RecurrentLearner`). Without it,
+            meta-training on Omniglot sat at chance for thousands of updates (docs/results.md).
         label_scale: the hot entry of a one-hot label; ``None``: the square root of the embedding's
             width, about the norm of an embedding whose units are of order one (conv4's 64 features
             have a norm near 9 at initialisation). With a hot entry of 1 the label is a small part of
@@ -119,10 +119,7 @@ class RecurrentMetaLearner:
                  grad_clip: float | None = 10.0, embedding: str = "backbone", train_query: int | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"algo.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
-        if protocol == "sequence" and centre:
-            raise UserError("algo.centre=true needs algo.protocol=support_query: the sequence protocol scores every step, and "
-                            "centring on the sequence's mean embedding would let a step see the images after it. Leave algo.centre unset.")
-        self.centre = protocol == "support_query" if centre is None else centre
+        self.centre = True if centre is None else centre
         self.protocol = protocol
         self.presentations = presentations
         self.hidden_size, self.layers, self.forget_bias = hidden_size, layers, forget_bias
@@ -157,9 +154,9 @@ class RecurrentMetaLearner:
         hot = self.label_scale if self.label_scale is not None else math.sqrt(embedding_width)
         support = label_channel(episodes.support_y, label_size, episodes.support_x.dtype, hot)
         if self.protocol == "sequence":
-            outputs, _ = forward(params, episodes.support_x, previous_labels(support))
+            outputs, _ = forward(params, episodes.support_x, previous_labels(support), None, "running" if self.centre else "off")
             return outputs, episodes.support_y
-        _, query_outputs = forward(params, episodes.support_x, support, episodes.query_x, self.centre)
+        _, query_outputs = forward(params, episodes.support_x, support, episodes.query_x, "whole" if self.centre else "off")
         return query_outputs, episodes.query_y
 
     def _score(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:

@@ -29,6 +29,7 @@ from torchvision.datasets import Omniglot
 from torchvision.transforms import functional as TF
 
 from maml_cli.data.episodes import ClassImageSampler, check_episode_size
+from maml_cli.data.lock import exclusive
 from maml_cli.errors import DataError
 from maml_cli.tasks import CLASSIFICATION
 
@@ -238,11 +239,20 @@ def load_images(root: Path, image_size: int = 28, download: bool = True, check_c
     """All Omniglot characters as one uint8 tensor ``(n_characters, images, size, size)``.
 
     The decoded tensor is cached in ``<root>/omniglot-py/`` keyed by the image
-    size and the list of files, so later runs skip decoding.
+    size and the list of files, so later runs skip decoding. Runs that start
+    together take turns (a lock file ``<root>/.omniglot-py.lock``): the first
+    extracts and decodes, the others then read what it left.
     """
+    root = Path(root).expanduser()
+    lock = root / f".{FOLDER}.lock" if root.is_dir() else None  # a missing root is downloaded into, or reported
+    with exclusive(lock, f"Omniglot under {root / FOLDER}"):
+        return _prepare(root, image_size, download, check_counts)
+
+
+def _prepare(root: Path, image_size: int, download: bool, check_counts: bool) -> tuple[Tensor, Listing]:
     listing = ensure_files(root, download, check_counts)
     key = hashlib.sha1("\n".join(f"{c}:{len(f)}" for c, f in zip(listing.characters, listing.files)).encode()).hexdigest()[:12]
-    cache = Path(root).expanduser() / FOLDER / f"maml_cli_cache_v{CACHE_VERSION}_{image_size}px_{key}.pt"
+    cache = root / FOLDER / f"maml_cli_cache_v{CACHE_VERSION}_{image_size}px_{key}.pt"
     if cache.is_file():
         try:
             stored = torch.load(cache, weights_only=True)
