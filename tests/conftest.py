@@ -77,6 +77,53 @@ def run_cli(name: str, args: list[str], cwd: Path, env: dict | None = None, chec
     return result
 
 
+def run_in_process(name: str, args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """``maml-train ARGS`` or ``maml-eval ARGS`` from ``cwd`` in this process, as :func:`run_cli` would run it in a new one.
+
+    For tests where a new process adds nothing: each launch costs seconds of start-up (torch, Hydra,
+    TensorBoard imports). Tests of what only a process shows (signals, exit codes of the console script,
+    an installed wheel) keep :func:`run_cli`.
+    """
+    import contextlib
+    import io
+    import logging
+
+    from maml_cli import evaluate, train
+    main = {"maml-train": train.main, "maml-eval": evaluate.main}[name]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd, saved_threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    saved_env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "HYDRA_FULL_ERROR")}
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level  # pytest's log capture among them
+    returncode = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = [name, *args]
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as exit_info:
+                returncode = exit_info.code if isinstance(exit_info.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        torch.set_num_threads(saved_threads)
+        for key, value in saved_env.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        for handler in root.handlers[:]:  # Hydra's logging config replaced them with this run's streams and train.log
+            if handler not in saved_handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    result = subprocess.CompletedProcess([name, *args], returncode, stdout.getvalue(), stderr.getvalue())
+    if check and returncode != 0:
+        pytest.fail(f"{name} {' '.join(args)} exited {returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
+    return result
+
+
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All scalars of a run's TensorBoard event files, as tag -> [(step, value)], honouring purged steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

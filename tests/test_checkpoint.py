@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_in_process
 from maml_cli import checkpoint as checkpoint_module
 from maml_cli.checkpoint import load_checkpoint, save_checkpoint
 from maml_cli.errors import UserError
@@ -57,7 +57,7 @@ def test_a_file_that_is_not_a_maml_cli_checkpoint_is_named(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_at_once_with_a_hint(tmp_path):
-    result = run_cli("maml-train", ["dataset=sinusoid", "inner_lr=1e30", "iterations=20", "progress=false"], cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", ["dataset=sinusoid", "inner_lr=1e30", "iterations=20", "progress=false"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the meta-training loss became" in result.stderr and "at iteration 1;" in result.stderr
     assert "Try a smaller inner_lr or outer_lr" in result.stderr and "none (no checkpoint was written yet)" in result.stderr
@@ -66,11 +66,11 @@ def test_a_non_finite_loss_stops_the_run_at_once_with_a_hint(tmp_path):
 
 def test_resuming_from_a_damaged_last_pt_names_the_checkpoint_that_still_loads(tmp_path):
     args = ["dataset=sinusoid", "iterations=4", "meta_batch_size=3", "progress=false", "val_every=2", "val_tasks=4", "test_tasks=5"]
-    run_cli("maml-train", args, cwd=tmp_path)
+    run_in_process("maml-train", args, cwd=tmp_path)
     (run,) = [p.parent for p in (tmp_path / "outputs").rglob("last.pt")]
     best_iteration = torch.load(run / "best.pt", weights_only=True)["iteration"]
     (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:300])
-    result = run_cli("maml-train", [*args, f"resume={run}"], cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", [*args, f"resume={run}"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"checkpoint {run / 'last.pt'} cannot be read; it may be truncated" in result.stderr
     assert f"The run's {run / 'best.pt'} (iteration {best_iteration}) loads" in result.stderr
@@ -116,16 +116,16 @@ def test_damaged_files_are_reported_as_unreadable_not_as_malicious(tmp_path, con
 
 def test_resuming_clears_the_temporary_file_of_a_write_cut_short(tmp_path):
     args = ["dataset=sinusoid", "meta_batch_size=3", "progress=false", "val_every=2", "val_tasks=4", "test_tasks=5"]
-    run_cli("maml-train", [*args, "iterations=4"], cwd=tmp_path)
+    run_in_process("maml-train", [*args, "iterations=4"], cwd=tmp_path)
     (run,) = [p.parent for p in (tmp_path / "outputs").rglob("last.pt")]
     leftovers = [run / ".last.pt.k9x2.tmp", run / ".best.pt.a1b2.tmp"]  # the names save_checkpoint's mkstemp gives
     for leftover in leftovers:
         leftover.write_bytes(b"half a checkpoint")
-    run_cli("maml-train", [*args, "iterations=5", f"resume={run}"], cwd=tmp_path)
+    run_in_process("maml-train", [*args, "iterations=5", f"resume={run}"], cwd=tmp_path)
     assert not any(p.exists() for p in leftovers) and load_checkpoint(run / "last.pt")["iteration"] == 5
 
 
 def test_resume_of_a_folder_that_is_not_a_run_says_so_and_leaves_nothing(tmp_path):
-    result = run_cli("maml-train", ["dataset=sinusoid", "resume=outputs/runs/typo"], cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", ["dataset=sinusoid", "resume=outputs/runs/typo"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "resume=outputs/runs/typo is not a run directory" in result.stderr
     assert not (tmp_path / "outputs" / "runs" / "typo").exists()

@@ -8,7 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import SMALL_OVERRIDES
+from conftest import SMALL_OVERRIDES, run_in_process
 from maml_cli import config
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
                             validate)
@@ -216,14 +216,10 @@ def test_conv4_is_channels_last_on_cpu_unless_turned_off(overrides, channels_las
     assert conv4.channels_last is channels_last
 
 
-def run_main_in_process(monkeypatch, capsys, *args):
+def run_main_in_process(cwd, *args):
     """``maml-train ARGS`` in this process; returns (exit status, stderr)."""
-    from maml_cli import train
-    monkeypatch.setattr("sys.argv", ["maml-train", *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main()
-    return exit_info.value.code, capsys.readouterr().err
+    result = run_in_process("maml-train", list(args), cwd=cwd, check=False)
+    return result.returncode, result.stderr
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -236,9 +232,8 @@ def run_main_in_process(monkeypatch, capsys, *args):
     (["dataset.split=vinyal"], "dataset.split=vinyal is not one of random, lake, vinyals. Did you mean vinyals?"),
     (["algo.first_order=maybe"], "algo.first_order must be true or false"),
 ])
-def test_misspelt_keys_choices_and_types_get_one_paragraph_with_a_suggestion(monkeypatch, capsys, tmp_path, args, expected):
-    monkeypatch.chdir(tmp_path)
-    code, err = run_main_in_process(monkeypatch, capsys, *args)
+def test_misspelt_keys_choices_and_types_get_one_paragraph_with_a_suggestion(tmp_path, args, expected):
+    code, err = run_main_in_process(tmp_path, *args)
     assert code == 2 and err.startswith("maml-train: error: ") and expected in err, err
     assert "+inner_setps" not in err and "HYDRA_FULL_ERROR" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
@@ -248,8 +243,7 @@ def test_misspelt_keys_choices_and_types_get_one_paragraph_with_a_suggestion(mon
     ("+inner_setps=3", "unknown key inner_setps. Did you mean inner_steps"),
     ("+foo=1", "unknown key foo. Keys: algo,"),
 ])
-def test_top_level_keys_appended_with_plus_are_refused_before_any_work(monkeypatch, capsys, tmp_path, override, expected):
-    monkeypatch.chdir(tmp_path)
-    code, err = run_main_in_process(monkeypatch, capsys, "dataset=sinusoid", override)
+def test_top_level_keys_appended_with_plus_are_refused_before_any_work(tmp_path, override, expected):
+    code, err = run_main_in_process(tmp_path, "dataset=sinusoid", override)
     assert code == 2 and expected in err, err
     assert not any((tmp_path / "outputs" / "runs").iterdir())  # nothing trained, no run left behind

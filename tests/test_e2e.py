@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SMALL_OVERRIDES, read_scalars, run_cli, run_dirs
+from conftest import REPO, SMALL_OVERRIDES, read_scalars, run_cli, run_dirs, run_in_process
 
 FAST = ["progress=false", "log_every=1", "val_every=2", "val_tasks=4", "test_tasks=5", "checkpoint_every=2"]
 SINE = ["dataset=sinusoid", "iterations=4", "meta_batch_size=3", *FAST]
@@ -72,8 +72,8 @@ def test_classification_and_regression_runs_each_declare_both_metric_columns(tmp
     # TensorBoard takes the HParams table's columns from the first run it reads: whichever it is, accuracy
     # and MSE must both be there.
     (tmp_path / "sine").mkdir(), (tmp_path / "omniglot").mkdir()
-    run_cli("maml-train", [*SINE, "iterations=1"], cwd=tmp_path / "sine")
-    run_cli("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "omniglot")
+    run_in_process("maml-train", [*SINE, "iterations=1"], cwd=tmp_path / "sine")
+    run_in_process("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "omniglot")
     for run in (only_run(tmp_path / "sine"), only_run(tmp_path / "omniglot")):
         assert {"test/accuracy", "val/best_accuracy", "test/mse", "val/best_mse"} <= hparams_metrics(run)
 
@@ -83,7 +83,7 @@ def test_two_tasks_at_once_train_the_same_curve_as_one_at_a_time(tmp_path, small
     for tasks_at_once in (1, 2):
         cwd = tmp_path / str(tasks_at_once)
         cwd.mkdir()
-        result = run_cli("maml-train", omniglot_args(small_omniglot, 4, f"tasks_at_once={tasks_at_once}"), cwd=cwd)
+        result = run_in_process("maml-train", omniglot_args(small_omniglot, 4, f"tasks_at_once={tasks_at_once}"), cwd=cwd)
         assert ("2 tasks at a time on threads" in result.stdout + result.stderr) == (tasks_at_once == 2)
         scalars = read_scalars(only_run(cwd))
         curves[tasks_at_once] = [v for _, v in scalars["train/loss"]] + [v for _, v in scalars["val/accuracy"]]
@@ -92,7 +92,7 @@ def test_two_tasks_at_once_train_the_same_curve_as_one_at_a_time(tmp_path, small
 
 
 def test_omniglot_run_on_a_small_copy_writes_accuracy_curves(tmp_path, small_omniglot):
-    result = run_cli("maml-train", omniglot_args(small_omniglot, 4), cwd=tmp_path)
+    result = run_in_process("maml-train", omniglot_args(small_omniglot, 4), cwd=tmp_path)
     scalars = read_scalars(only_run(tmp_path))
     assert steps(scalars, "train/accuracy") == [1, 2, 3, 4]
     assert steps(scalars, "val/accuracy") == [2, 4]
@@ -102,7 +102,7 @@ def test_omniglot_run_on_a_small_copy_writes_accuracy_curves(tmp_path, small_omn
 
 
 def test_multirun_names_each_run_by_the_swept_keys_alone(tmp_path):
-    run_cli("maml-train", ["-m", *SINE, "iterations=2", "inner_steps=1,2"], cwd=tmp_path)
+    run_in_process("maml-train", ["-m", *SINE, "iterations=2", "inner_steps=1,2"], cwd=tmp_path)
     runs = run_dirs(tmp_path)
     assert [r.name for r in runs] == ["inner_steps=1", "inner_steps=2"]  # not every override: TensorBoard cuts long names
     assert "iterations=2" in (runs[0] / ".hydra" / "overrides.yaml").read_text()  # the full command stays with the run
@@ -120,44 +120,44 @@ PROTONET_SCHEDULED = ["algo=protonet", "algo.train_way=6", "+scheduler._target_=
 @pytest.mark.parametrize("algo_args", [[], PROTONET_SCHEDULED], ids=["maml", "protonet-scheduled"])
 def test_resume_continues_from_the_saved_iteration_and_matches_an_uninterrupted_run(tmp_path, small_omniglot, algo_args):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    run_cli("maml-train", omniglot_args(small_omniglot, 3, *algo_args), cwd=tmp_path / "a")
+    run_in_process("maml-train", omniglot_args(small_omniglot, 3, *algo_args), cwd=tmp_path / "a")
     first = only_run(tmp_path / "a")
     assert torch.load(first / "last.pt", weights_only=True)["iteration"] == 3
-    result = run_cli("maml-train", omniglot_args(small_omniglot, 6, *algo_args, f"resume={first}"), cwd=tmp_path / "a")
+    result = run_in_process("maml-train", omniglot_args(small_omniglot, 6, *algo_args, f"resume={first}"), cwd=tmp_path / "a")
     assert "resumed" in result.stdout + result.stderr and only_run(tmp_path / "a") == first
     assert torch.load(first / "last.pt", weights_only=True)["iteration"] == 6
     resumed = read_scalars(first)
     assert steps(resumed, "train/loss") == [1, 2, 3, 4, 5, 6]
 
-    run_cli("maml-train", omniglot_args(small_omniglot, 6, *algo_args), cwd=tmp_path / "b")
+    run_in_process("maml-train", omniglot_args(small_omniglot, 6, *algo_args), cwd=tmp_path / "b")
     straight = read_scalars(only_run(tmp_path / "b"))
     assert resumed["train/loss"] == straight["train/loss"]
     assert resumed["test/accuracy"][-1][1] == straight["test/accuracy"][-1][1]
 
 
 def test_resume_takes_the_runs_own_config_and_refuses_typed_keys_that_change_results_unless_forced(tmp_path):
-    run_cli("maml-train", SINE, cwd=tmp_path)
+    run_in_process("maml-train", SINE, cwd=tmp_path)
     run = only_run(tmp_path)
     # Only resume= typed: the run's config (sinusoid, 3 tasks per batch, ...) comes from the run; iterations
     # may be raised on the way.
-    continued = run_cli("maml-train", [f"resume={run}", "iterations=6", *FAST], cwd=tmp_path)
+    continued = run_in_process("maml-train", [f"resume={run}", "iterations=6", *FAST], cwd=tmp_path)
     assert "resumed" in continued.stdout + continued.stderr and steps(read_scalars(run), "train/loss") == [1, 2, 3, 4, 5, 6]
     assert only_run(tmp_path) == run
-    result = run_cli("maml-train", [*SINE, "inner_lr=0.5", "shot=5", f"resume={run}"], cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", [*SINE, "inner_lr=0.5", "shot=5", f"resume={run}"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "inner_lr: 0.01 -> 0.5" in result.stderr and "shot: 10 -> 5" in result.stderr and "iterations:" not in result.stderr
-    other_algo = run_cli("maml-train", [*SINE, "algo=lstm", f"resume={run}"], cwd=tmp_path, check=False)
+    other_algo = run_in_process("maml-train", [*SINE, "algo=lstm", f"resume={run}"], cwd=tmp_path, check=False)
     assert other_algo.returncode == 2
     assert "algo._target_: 'maml_cli.algorithms.maml.MAML' -> 'maml_cli.algorithms.lstm.RecurrentMetaLearner'" in other_algo.stderr
-    forced = run_cli("maml-train", [*SINE, "inner_lr=0.5", "iterations=8", f"resume={run}", "force_resume=true"], cwd=tmp_path)
+    forced = run_in_process("maml-train", [*SINE, "inner_lr=0.5", "iterations=8", f"resume={run}", "force_resume=true"], cwd=tmp_path)
     assert "resumed" in forced.stdout + forced.stderr and steps(read_scalars(run), "train/loss") == list(range(1, 9))
     assert torch.load(run / "last.pt", weights_only=True)["config"]["inner_lr"] == 0.5
 
 
 def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small_omniglot):
-    run_cli("maml-train", omniglot_args(small_omniglot, 2), cwd=tmp_path)
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2), cwd=tmp_path)
     run = only_run(tmp_path)
-    result = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)
+    result = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)
     lines = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [int(row[0]) for row in lines] == [0, 1, 2]
     logged = dict(read_scalars(run)["test/accuracy_by_inner_step"])
@@ -170,7 +170,7 @@ def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small
 def test_maml_eval_takes_a_run_directory_and_says_which_checkpoint_it_scores(tmp_path, capsys, caplog):
     from maml_cli import evaluate
     caplog.set_level("INFO", logger="maml_cli")
-    run_cli("maml-train", SINE, cwd=tmp_path)
+    run_in_process("maml-train", SINE, cwd=tmp_path)
     run = only_run(tmp_path)
     evaluate.main([f"checkpoint={run}", "test_tasks=3"])
     assert f"{run / 'best.pt'} (iteration" in capsys.readouterr().out and "scoring its best.pt" in caplog.text
@@ -183,8 +183,26 @@ def test_maml_eval_takes_a_run_directory_and_says_which_checkpoint_it_scores(tmp
     assert exit_info.value.code == 2 and "is a directory without best.pt or last.pt" in capsys.readouterr().err
 
 
+def test_maml_eval_finds_a_named_split_whose_class_lists_have_moved(tmp_path, small_omniglot, capsys):
+    # A run trained elsewhere (another machine, a GPU) names a split_dir that does not exist here.
+    from maml_cli import evaluate
+    from conftest import write_small_vinyals_split
+    lists = write_small_vinyals_split(tmp_path / "lists")
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2, "dataset.split=vinyals", f"dataset.split_dir={lists}"), cwd=tmp_path)
+    run = only_run(tmp_path)
+    moved = lists.rename(tmp_path / "moved")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([f"checkpoint={run}", "test_tasks=3", "query=1"])
+    assert exit_info.value.code == 2 and str(lists) in capsys.readouterr().err
+    evaluate.main([f"checkpoint={run}", "test_tasks=3", "query=1", f"dataset.split_dir={moved}"])
+    assert "split=vinyals" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate.main([f"checkpoint={run}", "dataset.splitdir=x"])
+    assert "unknown key dataset.splitdir. Did you mean split_dir?" in capsys.readouterr().err
+
+
 def test_impossible_episode_is_an_error_before_training_naming_the_numbers(tmp_path, small_omniglot):
-    result = run_cli("maml-train", omniglot_args(small_omniglot, 2, "way=40"), cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", omniglot_args(small_omniglot, 2, "way=40"), cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "way=40 needs 40 distinct classes per episode, but the meta-validation split of omniglot (random) has only 16 classes" in result.stderr
     assert "Traceback" not in result.stderr
@@ -192,14 +210,14 @@ def test_impossible_episode_is_an_error_before_training_naming_the_numbers(tmp_p
 
 
 def test_missing_omniglot_offline_names_the_folder_and_the_sinusoid_alternative(tmp_path):
-    result = run_cli("maml-train", [f"data_root={tmp_path / 'empty'}", "dataset.download=false", "iterations=1", "progress=false"],
+    result = run_in_process("maml-train", [f"data_root={tmp_path / 'empty'}", "dataset.download=false", "iterations=1", "progress=false"],
                      cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert str(tmp_path / "empty" / "omniglot-py") in result.stderr and "dataset=sinusoid" in result.stderr
 
 
 def test_a_misspelt_override_fails_with_the_key_name(tmp_path):
-    result = run_cli("maml-train", ["dataset=sinusoid", "inner_setps=3"], cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", ["dataset=sinusoid", "inner_setps=3"], cwd=tmp_path, check=False)
     assert result.returncode != 0 and "inner_setps" in result.stderr
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pt"))
 
@@ -229,20 +247,20 @@ def test_a_plain_wheel_ships_the_configs_and_runs_from_another_directory(tmp_pat
 @pytest.fixture(scope="module")
 def maml_tags(tmp_path_factory, small_omniglot):
     cwd = tmp_path_factory.mktemp("maml")
-    run_cli("maml-train", omniglot_args(small_omniglot, 2), cwd=cwd)
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2), cwd=cwd)
     return set(read_scalars(only_run(cwd)))
 
 
 @pytest.mark.parametrize("algo_args", [["algo=protonet", "algo.train_way=6", "algo.train_query=3"], ["algo=lstm"],
                                        ["algo=lstm", "algo.protocol=sequence", "algo.presentations=4"]])
 def test_every_algorithm_writes_the_tags_of_maml_and_is_scored_by_maml_eval(tmp_path, small_omniglot, maml_tags, algo_args):
-    run_cli("maml-train", omniglot_args(small_omniglot, 2, *algo_args), cwd=tmp_path)
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2, *algo_args), cwd=tmp_path)
     run = only_run(tmp_path)
     scalars = read_scalars(run)
     assert maml_tags <= set(scalars), sorted(maml_tags - set(scalars))
     assert steps(scalars, "test/accuracy_by_inner_step") == [0]  # no inner loop: one row
     # The run's final test scored the final weights (last.pt) on the eval_seed episodes: maml-eval must agree.
-    result = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)
+    result = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)
     assert float(result.stdout.splitlines()[2].split()[1]) == pytest.approx(scalars["test/accuracy_by_inner_step"][0][1], abs=1e-4)
     if "algo.protocol=sequence" in algo_args:
         assert steps(scalars, "test/accuracy_by_presentation") == [1, 2, 3, 4]
@@ -253,21 +271,21 @@ def test_every_algorithm_writes_the_tags_of_maml_and_is_scored_by_maml_eval(tmp_
 
 
 def test_protonet_scores_any_way_from_one_checkpoint_and_maml_refuses(tmp_path, small_omniglot):
-    run_cli("maml-train", omniglot_args(small_omniglot, 2, "algo=protonet", "algo.train_way=6"), cwd=tmp_path)
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2, "algo=protonet", "algo.train_way=6"), cwd=tmp_path)
     run = only_run(tmp_path)
-    result = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}", "way=5"], cwd=tmp_path)
+    result = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}", "way=5"], cwd=tmp_path)
     assert "5-way 1-shot" in result.stdout and (run / "eval_last_test_5w1s.json").is_file()
-    no_inner_loop = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}", "test_inner_steps=3"], cwd=tmp_path, check=False)
+    no_inner_loop = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}", "test_inner_steps=3"], cwd=tmp_path, check=False)
     assert no_inner_loop.returncode == 2 and "test_inner_steps does not apply to ProtoNet" in no_inner_loop.stderr
     (tmp_path / "m").mkdir()
-    run_cli("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "m")
-    refused = run_cli("maml-eval", [f"checkpoint={only_run(tmp_path / 'm') / 'last.pt'}", "way=5"], cwd=tmp_path, check=False)
+    run_in_process("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "m")
+    refused = run_in_process("maml-eval", [f"checkpoint={only_run(tmp_path / 'm') / 'last.pt'}", "way=5"], cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "trained with way=3" in refused.stderr and "Traceback" not in refused.stderr
 
 
 @pytest.mark.parametrize("protocol", ["support_query", "sequence"])
 def test_lstm_on_sinusoid_writes_the_regression_tags_of_maml(tmp_path, protocol):
-    run_cli("maml-train", [*SINE, "algo=lstm", f"algo.protocol={protocol}"], cwd=tmp_path)
+    run_in_process("maml-train", [*SINE, "algo=lstm", f"algo.protocol={protocol}"], cwd=tmp_path)
     scalars = read_scalars(only_run(tmp_path))
     assert steps(scalars, "train/mse") == [1, 2, 3, 4] and steps(scalars, "val/mse") == [2, 4] and steps(scalars, "test/mse") == [4]
     assert "embedding: raw" in (only_run(tmp_path) / "config.yaml").read_text()
@@ -279,18 +297,18 @@ def test_lstm_on_sinusoid_writes_the_regression_tags_of_maml(tmp_path, protocol)
     (["algo=lstm", "inner_lr=0.1", "inner_steps=2"], "inner_lr, inner_steps do not apply to algo=lstm"),
 ])
 def test_inner_loop_keys_with_an_algorithm_without_one_are_an_error(tmp_path, small_omniglot, args, message):
-    result = run_cli("maml-train", omniglot_args(small_omniglot, 1, *args), cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", omniglot_args(small_omniglot, 1, *args), cwd=tmp_path, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_protonet_on_regression_is_an_error(tmp_path):
-    result = run_cli("maml-train", [*SINE, "algo=protonet"], cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", [*SINE, "algo=protonet"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "needs a classification dataset" in result.stderr
 
 
 def test_multirun_over_the_three_algorithms(tmp_path, small_omniglot):
     # test_inner_steps=2 (in the MAML arguments) is meant for the MAML member of an algorithm sweep, so it is allowed.
-    run_cli("maml-train", ["-m", *omniglot_args(small_omniglot, 2), "algo=maml,protonet,lstm"], cwd=tmp_path)
+    run_in_process("maml-train", ["-m", *omniglot_args(small_omniglot, 2), "algo=maml,protonet,lstm"], cwd=tmp_path)
     runs = run_dirs(tmp_path)
     assert [r.name.split(",")[0] for r in runs] == ["algo=lstm", "algo=maml", "algo=protonet"]
     for run in runs:
@@ -300,7 +318,7 @@ def test_multirun_over_the_three_algorithms(tmp_path, small_omniglot):
 def test_patience_stops_early_and_the_final_test_scores_best_pt(tmp_path):
     # A large outer_lr (0.03, measured) makes meta-validation worse after iteration 2, so patience stops the run;
     # its final test must score best.pt, not the worse weights of last.pt.
-    result = run_cli("maml-train", [*SINE, "iterations=50", "val_every=1", "patience=2", "outer_lr=0.03"], cwd=tmp_path)
+    result = run_in_process("maml-train", [*SINE, "iterations=50", "val_every=1", "patience=2", "outer_lr=0.03"], cwd=tmp_path)
     run = only_run(tmp_path)
     scalars = read_scalars(run)
     assert "has not improved for 2 iterations" in result.stderr + result.stdout
@@ -309,7 +327,7 @@ def test_patience_stops_early_and_the_final_test_scores_best_pt(tmp_path):
     assert last_step < 50 and last_step - best_step == 2
 
     def eval_mse(name):
-        report = run_cli("maml-eval", [f"checkpoint={run / name}"], cwd=tmp_path).stdout
+        report = run_in_process("maml-eval", [f"checkpoint={run / name}"], cwd=tmp_path).stdout
         return float([line.split() for line in report.splitlines() if line.split()[:1] == ["10"]][0][1])
 
     assert eval_mse("best.pt") == pytest.approx(scalars["test/mse"][0][1], abs=1e-4)
@@ -326,7 +344,7 @@ def test_bad_input_is_one_paragraph_unless_hydra_full_error_asks_for_the_traceba
 @pytest.mark.parametrize("group,choices", [("algo", ["lstm", "maml", "protonet"]), ("dataset", ["omniglot", "sinusoid"]),
                                            ("model", ["conv4", "mlp"])])
 def test_an_unknown_group_choice_lists_the_choices(tmp_path, group, choices):
-    result = run_cli("maml-train", [f"{group}=nope"], cwd=tmp_path, check=False)
+    result = run_in_process("maml-train", [f"{group}=nope"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == f"maml-train: error: {group}=nope: there is no {group} called 'nope'. Choices of {group}: {', '.join(choices)}.\n"
     assert not (tmp_path / "outputs").exists()

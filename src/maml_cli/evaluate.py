@@ -5,6 +5,7 @@ Usage::
     maml-eval checkpoint=outputs/runs/<run>/best.pt [test_tasks=600] [test_inner_steps=N]
     maml-eval checkpoint=outputs/runs/<run>           # a run directory: its best.pt, else its last.pt
               [split=test|val] [way=N] [shot=K] [query=Q] [eval_seed=0] [device=auto] [data_root=DIR]
+              [dataset.split_dir=DIR]                   # where the split's class lists are now, if they moved
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
 regression) after each number of inner steps (one row for algorithms without an
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,11 @@ log = logging.getLogger("maml_cli")
 
 
 @dataclass
+class EvalDataset:
+    split_dir: Optional[str] = None  # default: the run's (the class lists of a named split, when they have moved)
+
+
+@dataclass
 class EvalConfig:
     checkpoint: str = MISSING
     split: str = "test"
@@ -49,6 +55,7 @@ class EvalConfig:
     device: str = "auto"
     threads: str = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the CPUs this process may use) or a number
     data_root: Optional[str] = None  # default: the run's data root
+    dataset: EvalDataset = field(default_factory=EvalDataset)
 
 
 def parse_args(argv: list[str]) -> EvalConfig:
@@ -98,6 +105,10 @@ def run_eval(args: EvalConfig) -> dict:
                         f"leave it out.")
     if args.data_root is not None and "root" in cfg.dataset:
         cfg.dataset.root = args.data_root
+    if args.dataset.split_dir is not None:
+        if "split_dir" not in cfg.dataset:
+            raise UserError(f"dataset.split_dir does not apply to the run's dataset ({cfg.dataset._target_.rsplit('.', 1)[-1]}); leave it out.")
+        cfg.dataset.split_dir = args.dataset.split_dir
     threads, why = choose_threads(str(args.threads))
     torch.set_num_threads(threads)
     log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)

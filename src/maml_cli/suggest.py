@@ -36,7 +36,7 @@ def schema_fields(schema: type | None) -> list[str]:
 def unknown_key_message(key: str, known: list[str]) -> str:
     """``unknown key inner_setps. Did you mean inner_steps? ...``: for a key no schema declares."""
     leaf = key.rsplit(".", 1)[-1]
-    known = list(dict.fromkeys(known))
+    known = [k for k in dict.fromkeys(known) if k != leaf]  # never the unknown key itself
     suggestion = did_you_mean(leaf, known)
     if suggestion:
         return f"unknown key {key}.{suggestion}"
