@@ -133,7 +133,7 @@ def make_model(setting: Setting, dtype: torch.dtype, device: torch.device, seed:
     else:
         backbone = Conv4(1, 0, hidden=setting.hidden, batch_norm="example", channels_last=channels_last)
         chunk = CPU_EMBEDDING_CHUNK if (impl.startswith("maml-cli") or impl == "fwd+bwd") and device.type == "cpu" else None
-        model = RecurrentMetaLearner(protocol="sequence", presentations=setting.shot, hidden_size=LSTM_HIDDEN).make_network(
+        model = RecurrentMetaLearner(protocol="sequence", presentations=setting.shot, hidden_size=LSTM_HIDDEN, centre=True).make_network(
             backbone, 28 * 28, label_size=setting.way, out_features=setting.way, embedding_chunk=chunk)
     return model.to(device=device, dtype=dtype)
 
@@ -159,7 +159,7 @@ def algorithm(setting: Setting) -> Any:
         return MAML(setting.inner_lr, setting.inner_steps, 0, setting.first_order)
     if setting.algo == "protonet":
         return ProtoNet(train_way=setting.way, train_shot=setting.shot, train_query=setting.query)
-    return RecurrentMetaLearner(protocol="sequence", presentations=setting.shot, hidden_size=LSTM_HIDDEN)
+    return RecurrentMetaLearner(protocol="sequence", presentations=setting.shot, hidden_size=LSTM_HIDDEN, centre=True)
 
 
 # -- the implementations: each returns step(model, episodes), which leaves the meta-gradient in .grad
@@ -217,7 +217,7 @@ def step_loop(setting: Setting) -> Callable:
                 one_hot = F.one_hot(e.support_y, setting.way).to(e.support_x.dtype) * model.embedding.embedding_size ** 0.5
                 shifted = torch.cat([torch.zeros_like(one_hot[:1]), one_hot[:-1]])
                 # Each step centred on the mean embedding of the steps so far (maml-cli's default for sequence).
-                outputs, _ = model(e.support_x[None], shifted[None], None, "running")
+                outputs, _ = model(e.support_x[None], shifted[None], query_x=None, centre="running")
                 (F.cross_entropy(outputs[0], e.support_y) / len(episodes)).backward()
     return step
 
@@ -266,7 +266,7 @@ def step_fwd_bwd(setting: Setting) -> Callable:
     def step(model, episodes):
         if setting.algo == "lstm":
             x, y = torch.stack([e.support_x for e in episodes]), torch.stack([e.support_y for e in episodes])
-            outputs, _ = model(x, torch.zeros(*y.shape, setting.way, dtype=x.dtype, device=x.device), None, "running")
+            outputs, _ = model(x, torch.zeros(*y.shape, setting.way, dtype=x.dtype, device=x.device), query_x=None, centre="running")
             F.cross_entropy(outputs.flatten(0, 1), y.flatten()).backward()
             return
         for e in episodes:

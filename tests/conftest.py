@@ -1,6 +1,9 @@
 """Shared fixtures: a small Omniglot-shaped copy written by the tests, and a runner for the installed commands."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 import subprocess
@@ -84,11 +87,7 @@ def run_in_process(name: str, args: list[str], cwd: Path, check: bool = True) ->
     TensorBoard imports). Tests of what only a process shows (signals, exit codes of the console script,
     an installed wheel) keep :func:`run_cli`.
     """
-    import contextlib
-    import io
-    import logging
-
-    from maml_cli import evaluate, train
+    from maml_cli import evaluate, train  # here, not at the top: conftest loads even where the package is not installed
     main = {"maml-train": train.main, "maml-eval": evaluate.main}[name]
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd, saved_threads = sys.argv, os.getcwd(), torch.get_num_threads()
@@ -101,7 +100,8 @@ def run_in_process(name: str, args: list[str], cwd: Path, check: bool = True) ->
         sys.argv = [name, *args]
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ.pop("HYDRA_FULL_ERROR", None)
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        # A run seeds torch's global generator; fork it so the tests after this one draw what they would have.
+        with torch.random.fork_rng(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 main()
             except SystemExit as exit_info:
@@ -111,7 +111,10 @@ def run_in_process(name: str, args: list[str], cwd: Path, check: bool = True) ->
         os.chdir(saved_cwd)
         torch.set_num_threads(saved_threads)
         for key, value in saved_env.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         for handler in root.handlers[:]:  # Hydra's logging config replaced them with this run's streams and train.log
             if handler not in saved_handlers:
                 root.removeHandler(handler)

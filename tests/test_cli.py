@@ -44,3 +44,15 @@ def test_resume_hint_quotes_multirun_member_paths_for_hydra():
     for run_dir in (Path("outputs/runs/2026-01-01_00-00-00_way-20"), Path("outputs/multirun/2026-01-01/inner_steps=3,way=5")):
         (as_typed,) = shlex.split(resume_override(run_dir))  # what the shell hands to maml-train
         assert parser.parse_override(as_typed).value() == str(run_dir)
+
+
+def test_maml_eval_lists_its_own_keys_and_refuses_to_change_the_dataset():
+    from maml_cli.evaluate import parse_args
+    with pytest.raises(UserError) as unknown:
+        parse_args(["checkpoint=x", "foo=1"])
+    assert "Keys: checkpoint, data_root, dataset, device," in str(unknown.value) and "experiment" not in str(unknown.value)
+    with pytest.raises(UserError, match="unknown key datset. Did you mean dataset"):
+        parse_args(["checkpoint=x", "datset=1"])
+    with pytest.raises(UserError, match="dataset= cannot change it"):
+        parse_args(["checkpoint=x", "dataset=omniglot"])
+    assert parse_args(["checkpoint=x", "dataset.split_dir=/moved"]).dataset.split_dir == "/moved"

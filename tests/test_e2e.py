@@ -157,7 +157,7 @@ def test_resume_takes_the_runs_own_config_and_refuses_typed_keys_that_change_res
 def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small_omniglot):
     run_in_process("maml-train", omniglot_args(small_omniglot, 2), cwd=tmp_path)
     run = only_run(tmp_path)
-    result = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)
+    result = run_cli("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)  # the console script itself, once
     lines = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [int(row[0]) for row in lines] == [0, 1, 2]
     logged = dict(read_scalars(run)["test/accuracy_by_inner_step"])

@@ -199,7 +199,7 @@ def test_regression_feeds_the_previous_target_value_in_sequence_and_the_own_valu
     y = torch.sin(x)
     changed_y = y.clone()
     changed_y[2] += 1.0
-    learner = RecurrentMetaLearner(protocol="sequence", hidden_size=8, embedding="raw")
+    learner = RecurrentMetaLearner(protocol="sequence", hidden_size=8, embedding="raw", centre=False)
     network = learner.make_network(Identity(1), 1, label_size=1, out_features=1)
     outputs = outputs_of(learner, network, Episode(x, y, x[:0], y[:0]))
     changed = outputs_of(learner, network, Episode(x, changed_y, x[:0], y[:0]))
@@ -247,6 +247,20 @@ def test_episode_shapes_and_centring_on_by_default():
     sequence = RecurrentMetaLearner(protocol="sequence", presentations=10)
     assert sequence.episode_shape("train", 5, 1, 15) == (5, 10, 0) and sequence.centre
     assert not RecurrentMetaLearner(protocol="sequence", centre=False).centre
+    # null in a saved config keeps what it meant before sequence could centre: on for support_query only.
+    assert RecurrentMetaLearner(centre=None).centre and not RecurrentMetaLearner(protocol="sequence", centre=None).centre
+
+
+def test_a_one_wide_raw_input_is_not_centred_and_centring_it_is_refused():
+    # Centred and brought to a fixed norm, sinusoid's 1-wide x would be only its sign.
+    from maml_cli.errors import UserError
+    with pytest.raises(UserError, match="needs an embedding at least 2 wide"):
+        RecurrentMetaLearner(protocol="sequence", embedding="raw").make_network(Identity(1), 1, label_size=1, out_features=1)
+    learner = RecurrentMetaLearner(protocol="sequence", embedding="raw", centre=False, hidden_size=8)
+    network = learner.make_network(Identity(1), 1, label_size=1, out_features=1).double()
+    x = torch.linspace(-5, 5, 6, dtype=torch.float64)[:, None]
+    seen, _ = embeddings_read_and_outputs(learner, network, Episode(x, torch.sin(x), x[:0], x[:0]), features=1)
+    torch.testing.assert_close(seen[0][0], x)
 
 
 def embeddings_read_and_outputs(learner, network, episode, features=5):

@@ -1,5 +1,6 @@
 """Omniglot files: verification by counts, safe extraction, splits, the decoded cache, and the real copy."""
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -151,6 +152,7 @@ def test_a_data_root_that_is_a_file_is_named_as_such(tmp_path):
         ensure_files(not_a_folder, download=False)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 def test_a_run_waits_while_another_prepares_the_same_data_root(tmp_path):
     # Runs started together share a data root: while one holds the preparation lock (extracting,
     # decoding), another must wait rather than list or replace half-extracted folders.

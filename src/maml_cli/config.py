@@ -68,7 +68,7 @@ class LSTMConfig:
     hidden_size: int = 200
     layers: int = 1
     forget_bias: float = 1.0
-    centre: Optional[bool] = None
+    centre: Optional[bool] = True  # null: what runs saved before sequence could centre meant (see RecurrentMetaLearner)
     label_scale: Optional[float] = None
     grad_clip: Optional[float] = 10.0
     embedding: Embedding = Embedding.backbone

@@ -39,6 +39,8 @@ log = logging.getLogger("maml_cli")
 
 @dataclass
 class EvalDataset:
+    """The dataset keys ``maml-eval`` may change: where the run's files are on this machine."""
+
     split_dir: Optional[str] = None  # default: the run's (the class lists of a named split, when they have moved)
 
 
@@ -65,6 +67,9 @@ def parse_args(argv: list[str]) -> EvalConfig:
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise UserError(f"arguments are key=value pairs; not understood: {' '.join(bad)}")
+    if any(a.split("=", 1)[0] == "dataset" for a in argv):
+        raise UserError("maml-eval scores a run on its own dataset: dataset= cannot change it. Where the run's files are "
+                        "elsewhere on this machine, give data_root=<dir> and, for a named split, dataset.split_dir=<dir>.")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(argv))
         if OmegaConf.is_missing(cfg, "checkpoint"):
@@ -75,7 +80,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
             raise UserError(f"threads must be auto or a whole number of at least 1 (got {cfg.threads!r}).")
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
-        raise UserError(explain_config_error(err) or f"{err}".replace("\n", "; ")) from err
+        raise UserError(explain_config_error(err, groups=()) or f"{err}".replace("\n", "; ")) from err
 
 
 def checkpoint_of(path: Path) -> Path:

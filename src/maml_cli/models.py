@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Iterator, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -275,7 +275,8 @@ class RecurrentLearner(nn.Module):
             return torch.cat([self.embedding(part) for part in inputs.split(self.embedding_chunk)])
         return self.embedding(inputs)
 
-    def forward(self, x: Tensor, label_in: Tensor, query_x: Tensor | None = None, centre: str = "off") -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, label_in: Tensor, query_x: Tensor | None = None,
+                centre: Literal["off", "whole", "running"] = "off") -> tuple[Tensor, Tensor | None]:
         """Read a batch of sequences, then answer queries from where each sequence left off.
 
         Args:

@@ -36,7 +36,7 @@ def schema_fields(schema: type | None) -> list[str]:
 def unknown_key_message(key: str, known: list[str]) -> str:
     """``unknown key inner_setps. Did you mean inner_steps? ...``: for a key no schema declares."""
     leaf = key.rsplit(".", 1)[-1]
-    known = [k for k in dict.fromkeys(known) if k != leaf]  # never the unknown key itself
+    known = list(dict.fromkeys(known))
     suggestion = did_you_mean(leaf, known)
     if suggestion:
         return f"unknown key {key}.{suggestion}"
@@ -57,11 +57,12 @@ def _example(key: str, schema: type | None, number: str, value: str) -> str:
     return f"{key}={5 if number == 'an integer' else 0.1}"
 
 
-def explain_config_error(error: BaseException) -> str | None:
+def explain_config_error(error: BaseException, groups: tuple[str, ...] = GROUPS) -> str | None:
     """A one-paragraph explanation of a config composition or merge error, or None if it is not one.
 
     Handles an unknown group choice (``algo=mamal``), an unknown key (``inner_setps=3``) and a
-    value of the wrong type (``iterations=1e3``, ``dataset.split=alphabetical``).
+    value of the wrong type (``iterations=1e3``, ``dataset.split=alphabetical``). ``groups``: the
+    config groups that are known top-level keys too (``maml-train``'s; ``maml-eval`` has none).
     """
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
         group, _, choice = error.missing_cfg_file.rpartition("/")
@@ -74,7 +75,7 @@ def explain_config_error(error: BaseException) -> str | None:
     if not key:
         return None
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
-        known = schema_fields(schema) + ([g for g in GROUPS] if "." not in key else [])
+        known = schema_fields(schema) + (list(groups) if "." not in key else [])
         return unknown_key_message(key, known)
     if isinstance(cause, ValidationError):
         message = str(cause).splitlines()[0]

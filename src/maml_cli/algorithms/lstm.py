@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maml_cli.algorithms.base import Forward, Metrics, Params
+from maml_cli.errors import UserError
 from maml_cli.models import Backbone, Identity, RecurrentLearner
 from maml_cli.tasks import EpisodeBatch, Objective
 
@@ -87,11 +88,14 @@ class RecurrentMetaLearner:
         presentations: instances of each class in a ``sequence`` episode (10 in Santoro et al.).
         hidden_size, layers: size and depth of the LSTM.
         forget_bias: initial bias of the LSTM's forget gates (see :class:`~maml_cli.models.RecurrentLearner`).
-        centre: centre the embeddings and bring them to a fixed norm before the LSTM reads them
-            (``None``: on). ``support_query`` centres on the support set's mean embedding, the queries on the
-            same mean; ``sequence`` scores every step, so each step is centred on the mean of the steps up to
-            it and never on a later one (see :class:`~maml_cli.models.RecurrentLearner`). Without it,
-            meta-training on Omniglot sat at chance for thousands of updates (docs/results.md).
+        centre: centre the embeddings and bring them to a fixed norm before the LSTM reads them.
+            ``support_query`` centres on the support set's mean embedding, the queries on the same mean;
+            ``sequence`` scores every step, so each step is centred on the mean of the steps up to it and
+            never on a later one (see :class:`~maml_cli.models.RecurrentLearner`). Without it,
+            meta-training on Omniglot sat at chance for thousands of updates (docs/results.md). ``None``
+            is what runs saved before ``sequence`` could centre meant: on for ``support_query``, off for
+            ``sequence`` (the configs now say true or false). A 1-wide input (sinusoid's raw x) cannot be
+            centred: its fixed norm would leave only its sign.
         label_scale: the hot entry of a one-hot label; ``None``: the square root of the embedding's
             width, about the norm of an embedding whose units are of order one (conv4's 64 features
             have a norm near 9 at initialisation). With a hot entry of 1 the label is a small part of
@@ -115,11 +119,11 @@ class RecurrentMetaLearner:
     per_example_network = True
 
     def __init__(self, protocol: str = "support_query", presentations: int = 10, hidden_size: int = 200, layers: int = 1,
-                 forget_bias: float = 1.0, centre: bool | None = None, label_scale: float | None = None,
+                 forget_bias: float = 1.0, centre: bool | None = True, label_scale: float | None = None,
                  grad_clip: float | None = 10.0, embedding: str = "backbone", train_query: int | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"algo.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
-        self.centre = True if centre is None else centre
+        self.centre = protocol == "support_query" if centre is None else centre
         self.protocol = protocol
         self.presentations = presentations
         self.hidden_size, self.layers, self.forget_bias = hidden_size, layers, forget_bias
@@ -135,6 +139,9 @@ class RecurrentMetaLearner:
         ``embedding_chunk``: see :class:`~maml_cli.models.RecurrentLearner`.
         """
         embedding = Identity(input_size) if self.embedding == "raw" else backbone
+        if self.centre and embedding.embedding_size < 2:
+            raise UserError(f"algo.centre=true needs an embedding at least 2 wide; this one is {embedding.embedding_size} wide "
+                            f"(algo.embedding={self.embedding}), and centring it would leave only its sign. Set algo.centre=false.")
         return RecurrentLearner(embedding, embedding.embedding_size, label_size, out_features, self.hidden_size, self.layers,
                                 self.forget_bias, embedding_chunk)
 
@@ -154,6 +161,7 @@ class RecurrentMetaLearner:
         hot = self.label_scale if self.label_scale is not None else math.sqrt(embedding_width)
         support = label_channel(episodes.support_y, label_size, episodes.support_x.dtype, hot)
         if self.protocol == "sequence":
+            # forward takes the network's inputs positionally: (x, label_in, query_x, centre).
             outputs, _ = forward(params, episodes.support_x, previous_labels(support), None, "running" if self.centre else "off")
             return outputs, episodes.support_y
         _, query_outputs = forward(params, episodes.support_x, support, episodes.query_x, "whole" if self.centre else "off")

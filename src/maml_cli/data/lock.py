@@ -1,4 +1,4 @@
-"""An exclusive lock on a data folder while a process prepares it (extracts, decodes, caches).
+"""An exclusive lock on a data folder while a process prepares it (downloads, extracts, decodes, caches).
 
 Runs started together (a sweep's members in parallel, several jobs on one machine) read the same
 data root. Without a lock, one process's extraction replaces the folders that another is listing,
@@ -14,7 +14,7 @@ from typing import Iterator
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks; runs there prepare the data unlocked
+except ImportError:  # Windows has no flock; there runs prepare the data unlocked, and say so
     fcntl = None
 
 log = logging.getLogger(__name__)
@@ -24,15 +24,19 @@ log = logging.getLogger(__name__)
 def exclusive(lock_path: Path | None, what: str) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``lock_path`` (created if missing) for the ``with`` block; ``None``: no lock.
 
-    Waits for the process that holds it, saying so once. Where the lock file cannot be created
-    (a read-only data folder) the block runs unlocked: nothing can be extracted or cached there.
+    Waits for the process that holds it, saying so once. Where no lock can be had (no ``fcntl``, or a
+    lock file that cannot be created, as in a read-only data folder, where nothing can be extracted or
+    cached either) the block runs unlocked, with a log line that says so.
     """
-    if fcntl is None or lock_path is None:
-        yield
-        return
-    try:
-        handle = open(lock_path, "a")
-    except OSError:
+    handle = None
+    if fcntl is not None and lock_path is not None:
+        try:
+            handle = open(lock_path, "a")
+        except OSError as err:
+            log.debug("preparing %s without a lock: %s", what, err)
+    elif lock_path is not None:
+        log.debug("preparing %s without a lock: this platform has no fcntl", what)
+    if handle is None:
         yield
         return
     with handle:

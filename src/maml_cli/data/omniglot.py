@@ -13,6 +13,7 @@ number of quarter turns).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -244,7 +245,10 @@ def load_images(root: Path, image_size: int = 28, download: bool = True, check_c
     extracts and decodes, the others then read what it left.
     """
     root = Path(root).expanduser()
-    lock = root / f".{FOLDER}.lock" if root.is_dir() else None  # a missing root is downloaded into, or reported
+    if download and not root.exists():
+        with contextlib.suppress(OSError):  # a root that cannot be made is reported by ensure_files
+            root.mkdir(parents=True)
+    lock = root / f".{FOLDER}.lock" if root.is_dir() else None  # a root that is a file is reported by ensure_files
     with exclusive(lock, f"Omniglot under {root / FOLDER}"):
         return _prepare(root, image_size, download, check_counts)
 
