@@ -143,6 +143,7 @@ def test_resume_takes_the_runs_own_config_and_refuses_typed_keys_that_change_res
     continued = run_in_process("maml-train", [f"resume={run}", "iterations=6", *FAST], cwd=tmp_path)
     assert "resumed" in continued.stdout + continued.stderr and steps(read_scalars(run), "train/loss") == [1, 2, 3, 4, 5, 6]
     assert only_run(tmp_path) == run
+    assert "iterations: 6" in (run / "config.yaml").read_text()  # the run's config.yaml says what the run now uses
     result = run_in_process("maml-train", [*SINE, "inner_lr=0.5", "shot=5", f"resume={run}"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "inner_lr: 0.01 -> 0.5" in result.stderr and "shot: 10 -> 5" in result.stderr and "iterations:" not in result.stderr

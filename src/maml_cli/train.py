@@ -137,13 +137,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
         resume_hint=f"maml-train {resume_override(run_dir)}",
     )
     metric = tasks.kind.metric
+    # On resume too: the config in use (the run's own, with the locations or iterations typed on the resume command).
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     if resume_state:
         for stale in run_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by kill -9
             stale.unlink(missing_ok=True)
         trainer.restore(resume_state)
         log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
     else:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         # TensorBoard takes the HParams table's metric columns from the first run it reads: every run declares the
         # metrics of every task kind, so classification and regression runs side by side each show theirs.
         declared = {name: 0 for kind in TASK_KINDS for name in (f"test/{kind.metric}", f"test/{kind.metric}_ci95", f"val/best_{kind.metric}")}
