@@ -20,6 +20,7 @@ from maml_cli.algorithms.base import Algorithm
 from maml_cli.config import Config
 from maml_cli.errors import UserError
 from maml_cli.suggest import GROUPS, HIDDEN_FIELDS, schema_fields, unknown_key_message
+from maml_cli.threads import threads_problem
 
 # Keys that may change between a run and its resumption without changing its results.
 RESUME_FREE_KEYS = {
@@ -69,8 +70,8 @@ def validate(cfg: DictConfig) -> None:
     for key, low in (("train_way", 1), ("train_shot", 1), ("train_query", 1), ("presentations", 1), ("hidden_size", 1), ("layers", 1)):
         if cfg.algo.get(key) is not None and cfg.algo[key] < low:
             problems.append(f"algo.{key} must be at least {low} (got {cfg.algo[key]})")
-    if cfg.threads != "auto" and not (str(cfg.threads).isdigit() and int(cfg.threads) >= 1):
-        problems.append(f"threads must be auto or a whole number of at least 1 (got {cfg.threads!r})")
+    if threads_problem(cfg.threads):
+        problems.append(threads_problem(cfg.threads))
     if cfg.get("patience") is not None and cfg.patience < 1:
         problems.append(f"patience must be at least 1 or null (got {cfg.patience})")
     if problems:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from maml_cli.models import BatchNormMode
 
@@ -227,8 +227,8 @@ def config_dir() -> str:
         return str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def compose_defaults() -> Any:
-    """The config composed with no overrides at all (a ``DictConfig``): what a command changes is judged against it."""
+def compose_defaults() -> DictConfig:
+    """The config composed with no overrides at all: what a command changes is judged against it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

@@ -32,7 +32,7 @@ from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.loop import by_presentation, evaluate
 from maml_cli.suggest import explain_config_error
-from maml_cli.threads import choose_threads
+from maml_cli.threads import choose_threads, threads_problem
 
 log = logging.getLogger("maml_cli")
 
@@ -76,8 +76,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
             raise UserError("checkpoint=<path to last.pt or best.pt> is required.")
         if cfg.split not in ("test", "val"):
             raise UserError(f"split must be test or val (got {cfg.split!r}).")
-        if cfg.threads != "auto" and not (str(cfg.threads).isdigit() and int(cfg.threads) >= 1):
-            raise UserError(f"threads must be auto or a whole number of at least 1 (got {cfg.threads!r}).")
+        if threads_problem(cfg.threads):
+            raise UserError(threads_problem(cfg.threads) + ".")
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise UserError(explain_config_error(err, groups=()) or f"{err}".replace("\n", "; ")) from err

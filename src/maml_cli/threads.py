@@ -49,6 +49,13 @@ def busy_cpus(usable: int) -> int:
         return 0
 
 
+def threads_problem(setting: str) -> str | None:
+    """What is wrong with ``threads=<setting>``, or None when it is ``auto`` or a whole number of at least 1."""
+    if setting == "auto" or (str(setting).isdigit() and int(setting) >= 1):
+        return None
+    return f"threads must be auto or a whole number of at least 1 (got {setting!r})"
+
+
 def choose_threads(setting: str, root: Path = CGROUP_ROOT) -> tuple[int, str]:
     """The thread count for ``threads=<setting>`` (``auto`` or a positive integer), and why.
 
