@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from maml_cli.algorithms.base import Algorithm
+from maml_cli.algorithms.registry import field_bounds, registered_algorithms, registered_by_target
 from maml_cli.config import Config
 from maml_cli.errors import UserError
 from maml_cli.suggest import GROUPS, HIDDEN_FIELDS, schema_fields, unknown_key_message
@@ -67,9 +67,12 @@ def validate(cfg: DictConfig) -> None:
                      ("val_tasks", 1), ("test_tasks", 1), ("checkpoint_every", 1)):
         if cfg[key] < low:
             problems.append(f"{key} must be at least {low} (got {cfg[key]})")
-    for key, low in (("train_way", 1), ("train_shot", 1), ("train_query", 1), ("presentations", 1), ("hidden_size", 1), ("layers", 1)):
-        if cfg.algo.get(key) is not None and cfg.algo[key] < low:
-            problems.append(f"algo.{key} must be at least {low} (got {cfg.algo[key]})")
+    for node_name in ("algo", "dataset", "model"):
+        schema = OmegaConf.get_type(cfg[node_name])
+        for key, (low, strictly) in (field_bounds(schema).items() if dataclasses.is_dataclass(schema) else ()):
+            value = cfg[node_name].get(key)
+            if value is not None and (value <= low if strictly else value < low):
+                problems.append(f"{node_name}.{key} must be {'above' if strictly else 'at least'} {low} (got {value})")
     if threads_problem(cfg.threads):
         problems.append(threads_problem(cfg.threads))
     if cfg.get("patience") is not None and cfg.patience < 1:
@@ -152,6 +155,7 @@ def build_model(cfg: DictConfig, tasks: Any, algorithm: Algorithm, device: torch
         input_size = tasks.in_features if tasks.kind.name != "classification" else tasks.in_channels * tasks.image_size ** 2
         network = algorithm.make_network(backbone, input_size, label_size=outputs, out_features=outputs,
                                          embedding_chunk=CPU_EMBEDDING_CHUNK if device.type == "cpu" else None)
+    network = algorithm.attach(network)
     if algorithm.per_example_network and network.mixes_examples:
         fix = ("model.batch_norm=example, or leave model.batch_norm unset (null lets the algorithm choose)"
                if "batch_norm" in cfg.model else "a model that computes each example on its own")
@@ -179,11 +183,24 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     return _instantiate(cfg.optimizer, "optimizer")(model.parameters())
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> Any:
-    """The learning-rate schedule of ``cfg.scheduler`` (stepped once per meta-update), or None."""
-    if cfg.get("scheduler") is None:
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm: Algorithm | None = None) -> Any:
+    """The learning-rate schedule (stepped once per meta-update): the run's ``scheduler``, or the one the algorithm's
+    recipe prescribes (``outer_lr_schedule``: Reptile's linear annealing, MAML++'s cosine), or None.
+
+    Raises:
+        UserError: both are set, which would apply two schedules to one rate.
+    """
+    schedule = algorithm.outer_lr_schedule if algorithm is not None else None
+    if cfg.get("scheduler") is not None:
+        if schedule is not None:
+            raise UserError(f"algo={algorithm_name(cfg)} anneals the outer learning rate itself (its recipe; see conf/algo/), "
+                            f"so scheduler= would apply a second schedule to the same rate; leave scheduler out, or switch the "
+                            f"algorithm's annealing off.")
+        return _instantiate(cfg.scheduler, "learning-rate scheduler")(optimizer)
+    if schedule is None:
         return None
-    return _instantiate(cfg.scheduler, "learning-rate scheduler")(optimizer)
+    base_lr, iterations = float(cfg.outer_lr), int(cfg.iterations)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: schedule(base_lr, iteration, iterations) / base_lr)
 
 
 def algorithm_name(cfg: DictConfig) -> str:
@@ -206,9 +223,8 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
             A single inner-loop value is then allowed when ``algo`` is swept too, because it is
             meant for the members that have an inner loop; a swept inner-loop key never is.
     """
-    used = set(cfg.algo.keys())
     typed = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    unused = [key for key in INNER_LOOP_KEYS if key in typed and key not in used]
+    unused = [key for key in INNER_LOOP_KEYS if key in typed and not has_inner_loop(cfg)]
     if sweep is not None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -218,7 +234,7 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
 
         def meant_for_another_member(key: str) -> bool:
             return (key in parsed and not parsed[key].is_sweep_override()
-                    and any(key in algo_config_keys(choice) for choice in choices))
+                    and any(choice_has_inner_loop(choice) for choice in choices))
 
         unused = [key for key in unused if not meant_for_another_member(key)]
         if algo_swept:
@@ -226,7 +242,7 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
             # refused if any swept algorithm lacks it.
             for key in INNER_LOOP_KEYS:
                 if key in parsed and parsed[key].is_sweep_override():
-                    lacking = [c for c in choices if key not in algo_config_keys(c)]
+                    lacking = [c for c in choices if not choice_has_inner_loop(c)]
                     if lacking:
                         raise UserError(f"{key} is swept, but it does not apply to algo={','.join(lacking)}, which has no inner loop; "
                                         f"sweep {key} in a separate multirun with the algorithms that have one (a sweep over it "
@@ -237,12 +253,16 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
                         f"(a sweep over {'it' if len(unused) == 1 else 'them'} would train the same model again).")
 
 
-def algo_config_keys(name: str) -> set[str]:
-    """The keys that ``conf/algo/<name>.yaml`` sets (an empty set for an unknown name, which Hydra reports itself)."""
-    from maml_cli.config import config_dir
+def has_inner_loop(cfg: DictConfig) -> bool:
+    """Whether the configured algorithm declares an inner loop (so ``inner_lr``, ``inner_steps``, ``test_inner_steps`` apply)."""
+    entry = registered_by_target(cfg.algo._target_)
+    return entry.inner_loop if entry is not None else "inner_steps" in cfg.algo
 
-    path = Path(config_dir()) / "algo" / f"{name}.yaml"
-    return set(OmegaConf.load(path).keys()) if path.is_file() else set()
+
+def choice_has_inner_loop(name: str) -> bool:
+    """Whether ``algo=<name>`` declares an inner loop (False for an unknown name, which Hydra reports itself)."""
+    entry = registered_algorithms().get(name)
+    return entry is not None and entry.inner_loop
 
 
 def hydra_choice(group: str) -> str | None:
@@ -331,7 +351,7 @@ def hparams(cfg: DictConfig, tasks: Any) -> dict[str, Any]:
     """The hyperparameters shown in TensorBoard's HParams tab (scalars and strings only)."""
     keys = ["way", "shot", "query", "inner_lr", "outer_lr", "inner_steps", "test_inner_steps", "meta_batch_size", "iterations", "seed"]
     # Inner-loop keys mean nothing to an algorithm without an inner loop; showing them would suggest they mattered.
-    keys = [k for k in keys if k not in INNER_LOOP_KEYS or k in cfg.algo]
+    keys = [k for k in keys if k not in INNER_LOOP_KEYS or has_inner_loop(cfg)]
     values: dict[str, Any] = {k: cfg[k] for k in keys}
     values["algo"] = cfg.algo._target_.rsplit(".", 1)[-1]
     values["dataset"] = cfg.dataset._target_.rsplit(".", 1)[-1]

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from maml_cli.algorithms.registry import registered_algorithms
 from maml_cli.models import BatchNormMode
 
 
@@ -24,55 +25,6 @@ class Split(str, enum.Enum):
     random = "random"
     lake = "lake"
     vinyals = "vinyals"
-
-
-class Distance(str, enum.Enum):
-    euclidean = "euclidean"
-    cosine = "cosine"
-
-
-class Embedding(str, enum.Enum):
-    backbone = "backbone"
-    raw = "raw"
-
-
-class Protocol(str, enum.Enum):
-    sequence = "sequence"
-    support_query = "support_query"
-
-
-@dataclass
-class MAMLConfig:
-    _target_: str = "maml_cli.algorithms.maml.MAML"
-    inner_lr: float = MISSING
-    inner_steps: int = MISSING
-    test_inner_steps: int = MISSING
-    first_order: bool = False
-
-
-@dataclass
-class ProtoNetConfig:
-    _target_: str = "maml_cli.algorithms.protonet.ProtoNet"
-    distance: Distance = Distance.euclidean
-    cosine_scale: float = 10.0
-    train_way: int = MISSING
-    train_shot: int = MISSING
-    train_query: int = MISSING
-
-
-@dataclass
-class LSTMConfig:
-    _target_: str = "maml_cli.algorithms.lstm.RecurrentMetaLearner"
-    protocol: Protocol = Protocol.support_query
-    presentations: int = 10
-    hidden_size: int = 200
-    layers: int = 1
-    forget_bias: float = 1.0
-    centre: Optional[bool] = True  # null: what runs saved before sequence could centre meant (see RecurrentMetaLearner)
-    label_scale: Optional[float] = None
-    grad_clip: Optional[float] = 10.0
-    embedding: Embedding = Embedding.backbone
-    train_query: Optional[int] = None
 
 
 @dataclass
@@ -208,9 +160,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("maml_cli.sweep_subdir", sweep_subdir)
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
-    store.store(group="schema/algo", name="maml", node=MAMLConfig)
-    store.store(group="schema/algo", name="protonet", node=ProtoNetConfig)
-    store.store(group="schema/algo", name="lstm", node=LSTMConfig)
+    for name, entry in registered_algorithms().items():
+        store.store(group="schema/algo", name=name, node=entry.schema)
     store.store(group="schema/dataset", name="omniglot", node=OmniglotConfig)
     store.store(group="schema/dataset", name="sinusoid", node=SinusoidConfig)
     store.store(group="schema/model", name="conv4", node=Conv4Config)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maml_cli.build import build_algorithm, build_model, build_tasks, resolve_device
+from maml_cli.build import build_algorithm, build_model, build_tasks, has_inner_loop, resolve_device
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.loop import by_presentation, evaluate
@@ -103,7 +103,7 @@ def run_eval(args: EvalConfig) -> dict:
     for key in ("test_tasks", "test_inner_steps", "eval_seed", "way", "shot", "query"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    if "test_inner_steps" in cfg.algo:
+    if has_inner_loop(cfg):
         cfg.algo.test_inner_steps = cfg.test_inner_steps
     elif args.test_inner_steps is not None:
         raise UserError(f"test_inner_steps does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; "

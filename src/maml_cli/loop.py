@@ -129,8 +129,13 @@ class TaskThreads:
         return functional_forward(self._local.model)
 
     def _task(self, algorithm: Algorithm, params: Params, batch: EpisodeBatch, objective: Objective, scale: float) -> tuple[tuple[Tensor | None, ...], Metrics]:
+        if algorithm.outer == "gradient":
+            direction, metrics = algorithm.meta_gradient(self._forward(), params, batch, objective)
+            return tuple(direction[name] * scale if name in direction else None for name in params), metrics
         losses, metrics = algorithm.meta_loss(self._forward(), params, batch, objective)
-        return torch.autograd.grad(losses.sum() * scale, tuple(params.values()), allow_unused=True), metrics
+        learned = [name for name, p in params.items() if p.requires_grad]  # MAML++'s rates with lslr=false are not
+        grads = dict(zip(learned, torch.autograd.grad(losses.sum() * scale, [params[n] for n in learned], allow_unused=True)))
+        return tuple(grads.get(name) for name in params), metrics
 
     def map(self, algorithm: Algorithm, params: Params, batches: list[EpisodeBatch], objective: Objective, scale: float) -> Iterator[tuple[tuple[Tensor | None, ...], Metrics]]:
         """Yield ``(gradients, metrics)`` of each batch's summed meta-loss times ``scale``, in batch order."""
@@ -153,7 +158,8 @@ def accumulate_meta_gradient(algorithm: Algorithm, model: nn.Module, episodes: l
     This is all of a meta-training step but the optimizer's: the trainer and
     ``scripts/bench.py`` both call it, so the benchmark times the code that trains.
     The episodes go to the algorithm in stacks of ``algorithm.episodes_per_call``
-    (all at once when it takes any number).
+    (all at once when it takes any number). An algorithm that supplies its outer direction itself
+    (``outer == "gradient"``, Reptile) has it averaged the same way, in place of a gradient.
 
     Args:
         threads: run several stacks at once (see :class:`TaskThreads`); ``None``: one after another.
@@ -173,9 +179,16 @@ def accumulate_meta_gradient(algorithm: Algorithm, model: nn.Module, episodes: l
     if threads is None:
         forward = functional_forward(model)
         for batch in batches:
-            losses, metrics = algorithm.meta_loss(forward, params, batch, objective)
-            # Backward per call frees its graph at once: memory stays that of one call's episodes.
-            (losses.sum() / len(episodes)).backward()
+            if algorithm.outer == "gradient":
+                direction, metrics = algorithm.meta_gradient(forward, params, batch, objective)
+                for name, p in params.items():
+                    if name in direction:
+                        g = direction[name] / len(episodes)
+                        p.grad = g if p.grad is None else p.grad + g
+            else:
+                losses, metrics = algorithm.meta_loss(forward, params, batch, objective)
+                # Backward per call frees its graph at once: memory stays that of one call's episodes.
+                (losses.sum() / len(episodes)).backward()
             add_metrics(metrics)
     else:
         summed: list[Tensor | None] = [None] * len(params)
@@ -320,7 +333,8 @@ class MetaTrainer:
         start = time.perf_counter()
         episodes = [self.train_sampler.sample(self.generator).to(self.device) for _ in range(self.meta_batch_size)]
         data_seconds = time.perf_counter() - start
-        means = accumulate_meta_gradient(self.algorithm, self.model, episodes, self.kind.objective, self.threads)
+        algorithm = self.algorithm.at_iteration(self.state.iteration, self.iterations)
+        means = accumulate_meta_gradient(algorithm, self.model, episodes, self.kind.objective, self.threads)
         if not math.isfinite(means["loss"]):
             raise NonFiniteLoss(
                 f"the meta-training loss became {means['loss']} at iteration {self.state.iteration + 1}; stopped instead of training on garbage. "

@@ -24,12 +24,16 @@ class Backbone(Protocol):
             ``embedding`` or ``recurrent`` network is built on).
         mixes_examples: True when an example's output depends on the other examples of the batch
             (conv4 with batch statistics). An algorithm with ``per_example_network`` refuses such a model.
+
+    A model built with a head keeps it as its submodule ``head`` (its parameters are ``head.*``), and
+    ``model(x, "body")`` / ``model(features, "head")`` run the two parts on their own (ANIL adapts the
+    head on features computed once).
     """
 
     embedding_size: int
     mixes_examples: bool
 
-    def __call__(self, x: Tensor) -> Tensor: ...
+    def __call__(self, x: Tensor, part: "Part" = "all") -> Tensor: ...
 
 
 _passes = threading.local()
@@ -54,6 +58,10 @@ def differentiated_twice() -> Iterator[None]:
 
 def in_differentiated_twice() -> bool:
     return getattr(_passes, "twice", False)
+
+
+# Which part of a classifier to run: all of it, the body (features), or the head on given features (ANIL's inner loop).
+Part = Literal["all", "body", "head"]
 
 
 class BatchNormMode(str, enum.Enum):
@@ -175,7 +183,10 @@ class Conv4(nn.Module):
         # passes marked differentiated_twice channels-last as well.
         self.channels_last = channels_last
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, part: Part = "all") -> Tensor:
+        """Logits of images ``x`` (``part="all"``), their features (``"body"``), or the head applied to features ``x`` (``"head"``)."""
+        if part == "head":
+            return self.head(x)
         if self.channels_last and not in_differentiated_twice():
             # A one-channel image is laid out the same either way, so the first convolution
             # returns contiguous output; converting each convolution's output (a no-op once the
@@ -185,8 +196,9 @@ class Conv4(nn.Module):
                 h = layer(h)
                 if isinstance(layer, nn.Conv2d):
                     h = h.contiguous(memory_format=torch.channels_last)
-            return self.head(h)
-        return self.head(self.features(x))
+        else:
+            h = self.features(x)
+        return h if part == "body" else self.head(h)
 
 
 class MLP(nn.Module):
@@ -207,12 +219,28 @@ class MLP(nn.Module):
             size = width
         self.embedding_size = size
         self.mixes_examples = False
-        if out_features > 0:
-            layers.append(nn.Linear(size, out_features))
-        self.net = nn.Sequential(*layers)
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(size, out_features) if out_features > 0 else nn.Identity()
+        self._register_load_state_dict_pre_hook(self._rename_single_sequential)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def _rename_single_sequential(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # Checkpoints written before the body/head split held one Sequential, ``net``: its last Linear was the head.
+        old = [k for k in state_dict if k.startswith(prefix + "net.")]
+        if not old:
+            return
+        last = max(int(k[len(prefix) + 4:].split(".")[0]) for k in old)
+        for key in old:
+            index, leaf = key[len(prefix) + 4:].split(".", 1)
+            has_head = isinstance(self.head, nn.Linear)
+            new = f"{prefix}head.{leaf}" if has_head and int(index) == last else f"{prefix}body.{index}.{leaf}"
+            state_dict[new] = state_dict.pop(key)
+
+    def forward(self, x: Tensor, part: Part = "all") -> Tensor:
+        """Outputs of inputs ``x`` (``part="all"``), their last hidden layer (``"body"``), or the head on such features (``"head"``)."""
+        if part == "head":
+            return self.head(x)
+        h = self.body(x)
+        return h if part == "body" else self.head(h)
 
 
 class Identity(nn.Module):

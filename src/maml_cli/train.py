@@ -120,7 +120,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     samplers = build_samplers(cfg, tasks, algorithm, device)
     model = build_model(cfg, tasks, algorithm, device)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
+    scheduler = build_scheduler(cfg, optimizer, algorithm)
 
     start = resume_state["iteration"] if resume_state else 0
     # purge_step drops events a killed run logged after its last checkpoint, so curves continue without duplicates.

@@ -1,10 +1,10 @@
 """The algorithm contract: what the training and evaluation loops may call, written down once."""
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Protocol
+from typing import Callable, Literal, Optional, Protocol, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
@@ -14,15 +14,18 @@ Params = dict[str, Tensor]
 Forward = Callable[..., Tensor | tuple[Tensor, tuple[Tensor, Tensor]]]
 Metrics = dict[str, Tensor]
 Network = Literal["classifier", "embedding", "recurrent"]
+# schedule(base_lr, iteration, iterations) -> the outer learning rate at ``iteration`` (0-based).
+OuterSchedule = Callable[[float, int, int], float]
 
 
-class Algorithm(Protocol):
-    """A meta-learning algorithm as :mod:`maml_cli.loop` and the entry points use it.
+class _AlgorithmCommon(Protocol):
+    """What every algorithm declares and does, whatever its outer update (see :data:`Algorithm`).
 
     Attributes:
         network: what the build makes from ``model``: ``"classifier"`` (the backbone with a head of
-            ``way`` outputs, 1 for regression), ``"embedding"`` (the backbone without a head) or
-            ``"recurrent"`` (the head-less backbone wrapped by the algorithm's ``make_network``).
+            ``way`` outputs, 1 for regression; its last layer is the submodule ``head``), ``"embedding"``
+            (the backbone without a head) or ``"recurrent"`` (the head-less backbone wrapped by the
+            algorithm's ``make_network``).
         episodes_per_call: how many episodes of a meta-batch (or of an evaluation) ``meta_loss``
             and ``evaluate`` receive at once. ``None``: as many as there are (the loops cap
             evaluation chunks), for algorithms that compute a stack of episodes in one pass; ``1``:
@@ -34,19 +37,34 @@ class Algorithm(Protocol):
             (the LSTM embeds a whole sequence at once; with batch statistics a later image would
             change an earlier step). The build then refuses a model that mixes examples.
         grad_clip: the meta-training loop clips the meta-gradient's norm to this; ``None``: no clipping.
+        inner_loop: True when the algorithm adapts to a task by inner optimisation steps: the top-level
+            ``inner_lr``, ``inner_steps`` and ``test_inner_steps`` apply to it (its schema derives from
+            :class:`~maml_cli.algorithms.schema.InnerLoopConfig`), and typing them for an algorithm
+            without one is refused.
+        outer_lr_schedule: the outer learning rate the algorithm's own recipe prescribes,
+            ``schedule(base_lr, iteration, iterations) -> lr`` (Reptile's linear annealing, MAML++'s cosine);
+            ``None``: the optimizer's rate, or the run's ``scheduler``.
     """
 
     network: Network
     episodes_per_call: Optional[int]
     per_example_network: bool
     grad_clip: Optional[float]
+    inner_loop: bool
+    outer_lr_schedule: Optional[OuterSchedule]
 
     def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
         """``(way, shot, query)`` of the episodes of ``split`` (``train``, ``val``, ``test``) for a run's ``way``, ``shot``, ``query``."""
         ...
 
-    def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
-        """The differentiable meta-training loss of each episode, ``(len(episodes),)``, and per-episode metrics of the same shape."""
+    def attach(self, network: nn.Module) -> nn.Module:
+        """The network the loops train and checkpoints hold: ``network`` itself, or with the algorithm's own
+        meta-learned tensors added as a submodule (Meta-SGD's rates), which the outer optimizer then learns too."""
+        ...
+
+    def at_iteration(self, iteration: int, iterations: int) -> "Algorithm":
+        """The algorithm as it trains at meta-training iteration ``iteration`` (0-based) of ``iterations``:
+        itself, or a copy with its annealed settings (MAML++'s step weights and derivative order)."""
         ...
 
     def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
@@ -55,11 +73,82 @@ class Algorithm(Protocol):
         ...
 
 
+class LossAlgorithm(_AlgorithmCommon, Protocol):
+    """An algorithm whose meta-gradient is the gradient of a loss: the loop backpropagates ``meta_loss``."""
+
+    outer: Literal["loss"]
+
+    def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
+        """The differentiable meta-training loss of each episode, ``(len(episodes),)``, and per-episode metrics of the same shape."""
+        ...
+
+
+class GradientAlgorithm(_AlgorithmCommon, Protocol):
+    """An algorithm that supplies its outer direction itself: Reptile's theta - theta' is the gradient of no loss
+    the loop could backpropagate."""
+
+    outer: Literal["gradient"]
+
+    def meta_gradient(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Params, Metrics]:
+        """The outer direction summed over the episodes, one tensor per parameter (the loop averages over the
+        meta-batch and hands it to the optimizer as the gradient), and per-episode metrics of shape ``(len(episodes),)``."""
+        ...
+
+
+# A meta-learning algorithm as :mod:`maml_cli.loop` and the entry points use it; ``outer`` tells the two kinds apart.
+Algorithm = Union[LossAlgorithm, GradientAlgorithm]
+
+
+class AlgorithmDefaults:
+    """What most algorithms declare: no meta-parameters beside the network, nothing annealed, no clipping."""
+
+    per_example_network = False
+    grad_clip: Optional[float] = None
+    outer_lr_schedule: Optional[OuterSchedule] = None
+
+    def attach(self, network: nn.Module) -> nn.Module:
+        return network
+
+    def at_iteration(self, iteration: int, iterations: int) -> "Algorithm":
+        return self  # type: ignore[return-value]
+
+
+def meta_parameter_key(name: str) -> str:
+    """A network parameter's name as a key of a ``ParameterDict`` (which refuses dots): ``head.weight`` -> ``head/weight``."""
+    return name.replace(".", "/")
+
+
+def attach_meta_parameters(network: nn.Module, submodule: str, tensors: dict[str, Tensor]) -> nn.Module:
+    """Add ``tensors`` (keyed by the network parameter each belongs to) to ``network`` as the ``ParameterDict``
+    ``submodule``: they are then meta-parameters like the network's own, learned by the outer optimizer and
+    saved in checkpoints, and the network's own parameter names do not change."""
+    if isinstance(network, nn.Sequential):  # its forward would call every submodule, the added one too
+        raise TypeError(f"cannot add {submodule} to an nn.Sequential network; wrap it in a module of its own")
+    network.add_module(submodule, nn.ParameterDict({meta_parameter_key(n): nn.Parameter(t) for n, t in tensors.items()}))
+    return network
+
+
+def split_meta_parameters(params: Params, submodule: str) -> tuple[Params, Params]:
+    """``params`` split into the network's own and those of ``submodule`` (keyed back by network parameter name)."""
+    prefix = submodule + "."
+    own = {n: p for n, p in params.items() if not n.startswith(prefix)}
+    meta = {n[len(prefix):].replace("/", "."): p for n, p in params.items() if n.startswith(prefix)}
+    return own, meta
+
+
 def each_episode(task_loss: Callable[[Forward, Params, Episode, Objective], tuple[Tensor, Metrics]], forward: Forward,
                  params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
     """``meta_loss`` of an algorithm that works one task at a time: ``task_loss`` of each episode, stacked."""
     results = [task_loss(forward, params, episode, objective) for episode in episodes]
     return torch.stack([loss for loss, _ in results]), stack_metrics([metrics for _, metrics in results])
+
+
+def each_episode_by_step(task_evaluate: Callable[[Forward, Params, Episode, Objective], list[Metrics]], forward: Forward,
+                         params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
+    """``evaluate`` of an algorithm that works one task at a time: ``task_evaluate`` (metrics after each adaptation
+    step) of each episode, stacked step by step."""
+    per_episode = [task_evaluate(forward, params, episode, objective) for episode in episodes]
+    return [stack_metrics([steps[k] for steps in per_episode]) for k in range(len(per_episode[0]))]
 
 
 def stack_metrics(per_episode: list[Metrics]) -> Metrics:

@@ -33,18 +33,47 @@ the examples of a batch, where a later image would change an earlier step's outp
 """
 from __future__ import annotations
 
+import enum
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maml_cli.algorithms.base import Forward, Metrics, Params
+from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params
+from maml_cli.algorithms.registry import at_least, register_algorithm
 from maml_cli.errors import UserError
 from maml_cli.models import Backbone, Identity, RecurrentLearner
 from maml_cli.tasks import EpisodeBatch, Objective
 
 PROTOCOLS = ("sequence", "support_query")
+
+
+class Protocol(str, enum.Enum):
+    sequence = "sequence"
+    support_query = "support_query"
+
+
+class Embedding(str, enum.Enum):
+    backbone = "backbone"
+    raw = "raw"
+
+
+@dataclass
+class LSTMConfig:
+    _target_: str = "maml_cli.algorithms.lstm.RecurrentMetaLearner"
+    protocol: Protocol = Protocol.support_query
+    presentations: int = at_least(1, 10)
+    hidden_size: int = at_least(1, 200)
+    layers: int = at_least(1, 1)
+    forget_bias: float = 1.0
+    centre: Optional[bool] = True  # null: what runs saved before sequence could centre meant (see RecurrentMetaLearner)
+    label_scale: Optional[float] = None
+    grad_clip: Optional[float] = 10.0
+    embedding: Embedding = Embedding.backbone
+    train_query: Optional[int] = at_least(1, None)
 
 
 def label_channel(targets: Tensor, label_size: int, dtype: torch.dtype, hot: float = 1.0) -> Tensor:
@@ -80,7 +109,7 @@ def accuracy_by_presentation(logits: Tensor, labels: Tensor, presentations: int)
     return metrics
 
 
-class RecurrentMetaLearner:
+class RecurrentMetaLearner(AlgorithmDefaults):
     """Meta-train an LSTM to learn a task from a sequence of labelled examples.
 
     Args:
@@ -115,6 +144,8 @@ class RecurrentMetaLearner:
     """
 
     network = "recurrent"
+    inner_loop = False
+    outer = "loss"
     episodes_per_call = None
     per_example_network = True
 
@@ -183,3 +214,6 @@ class RecurrentMetaLearner:
         with torch.no_grad():
             _, metrics = self._score(forward, params, episodes, objective)
         return [metrics]
+
+
+register_algorithm("lstm", LSTMConfig, RecurrentMetaLearner)

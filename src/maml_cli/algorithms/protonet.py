@@ -7,14 +7,34 @@ loop: ``inner_lr`` and ``inner_steps`` do not apply.
 """
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import Tensor
 
-from maml_cli.algorithms.base import Forward, Metrics, Params, each_episode
+from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params, each_episode
+from maml_cli.algorithms.registry import at_least, register_algorithm
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
 DISTANCES = ("euclidean", "cosine")
+
+
+class Distance(str, enum.Enum):
+    euclidean = "euclidean"
+    cosine = "cosine"
+
+
+@dataclass
+class ProtoNetConfig:
+    _target_: str = "maml_cli.algorithms.protonet.ProtoNet"
+    distance: Distance = Distance.euclidean
+    cosine_scale: float = 10.0
+    train_way: int = at_least(1, MISSING)
+    train_shot: int = at_least(1, MISSING)
+    train_query: int = at_least(1, MISSING)
 
 
 def prototypes(support_embeddings: Tensor, support_y: Tensor, way: int) -> Tensor:
@@ -33,7 +53,7 @@ def prototype_logits(query_embeddings: Tensor, class_prototypes: Tensor, distanc
     raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
-class ProtoNet:
+class ProtoNet(AlgorithmDefaults):
     """Prototypical Networks: classify queries by their distance to class-mean embeddings.
 
     The network is the backbone without a head (conv4's flattened features). Support
@@ -53,10 +73,10 @@ class ProtoNet:
     """
 
     network = "embedding"
+    inner_loop = False
+    outer = "loss"
     # conv4 with batch statistics normalises over the whole batch it is given: one episode per call.
     episodes_per_call = 1
-    per_example_network = False
-    grad_clip = None
 
     def __init__(self, distance: str = "euclidean", cosine_scale: float = 10.0, train_way: int = 5,
                  train_shot: int = 1, train_query: int = 1) -> None:
@@ -90,3 +110,6 @@ class ProtoNet:
         with torch.no_grad():
             _, metrics = self.meta_loss(forward, params, episodes, objective)
         return [metrics]
+
+
+register_algorithm("protonet", ProtoNetConfig, ProtoNet)

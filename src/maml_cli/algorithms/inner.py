@@ -1,0 +1,224 @@
+"""The inner loop of the optimization-based algorithms: one ``adapt`` for MAML, ANIL, Meta-SGD, MAML++ and Reptile.
+
+What varies between them are arguments, not copies of the loop:
+
+- which parameters adapt (``adapted``: ANIL's head, MAML++'s weights without batch norm);
+- the update rule (:class:`SGD` with a learning rate per step, per parameter tensor or per element for
+  Meta-SGD and MAML++'s learned rates; :class:`Adam` with beta1 = 0 for Reptile);
+- tensors the network uses at a given step without adapting them (``fixed_at``: MAML++'s per-step
+  batch-norm weights and biases);
+- whether the inner gradients are differentiated again (``first_order``).
+
+Everything is a pure function of parameter dicts: nothing here mutates a module.
+"""
+from __future__ import annotations
+
+import abc
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterator, Optional, Protocol, Union
+
+import torch
+from torch import Tensor
+
+from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params, each_episode, each_episode_by_step
+from maml_cli.models import differentiated_twice
+from maml_cli.tasks import Episode, EpisodeBatch, Objective
+
+# The learning rate of parameter ``name`` at inner step ``step`` (0-based): a number, or a tensor that
+# broadcasts against the parameter (Meta-SGD's per-element rates), differentiable when meta-learned.
+StepSize = Callable[[int, str], Union[float, Tensor]]
+# Optimizer state carried from one inner step to the next (Adam's moments), keyed like the parameters.
+InnerState = dict[str, Params]
+# Tensors the network uses at an inner step without adapting them (MAML++'s batch-norm row of that step).
+FixedAt = Callable[[int], Params]
+
+
+class InnerOptimizer(Protocol):
+    """An update rule of the inner loop, written functionally: parameters and gradients in, new parameters out."""
+
+    def init(self, params: Params) -> InnerState:
+        """The state before the first step (empty for SGD)."""
+        ...
+
+    def update(self, step: int, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
+        """The parameters after inner step ``step`` (0-based), and the state for the next."""
+        ...
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain gradient descent, theta <- theta - lr * g, with ``lr`` a number or a :data:`StepSize`.
+
+    A learned ``lr`` (Meta-SGD, MAML++) stays in the graph, so the meta-gradient reaches it.
+    """
+
+    lr: Union[float, StepSize]
+
+    def init(self, params: Params) -> InnerState:
+        return {}
+
+    def update(self, step: int, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
+        rate = self.lr if callable(self.lr) else (lambda _step, _name, lr=self.lr: lr)
+        return {name: p - rate(step, name) * grads[name] for name, p in params.items()}, state
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam (Kingma & Ba 2015) as a pure function; Reptile's inner optimizer uses ``beta1 = 0`` (Nichol et al. 2018).
+
+    The state starts empty for every task (see the Reptile module for why).
+    """
+
+    lr: float
+    beta1: float = 0.0
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def init(self, params: Params) -> InnerState:
+        return {"m": {n: torch.zeros_like(p) for n, p in params.items()}, "v": {n: torch.zeros_like(p) for n, p in params.items()}}
+
+    def update(self, step: int, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
+        t = step + 1
+        m = {n: self.beta1 * state["m"][n] + (1 - self.beta1) * g for n, g in grads.items()}
+        v = {n: self.beta2 * state["v"][n] + (1 - self.beta2) * g * g for n, g in grads.items()}
+        # torch.optim.Adam's form: epsilon is added to the bias-corrected second moment's root.
+        m_scale, v_scale = 1 / (1 - self.beta1 ** t), 1 / (1 - self.beta2 ** t)
+        return {n: p - self.lr * m_scale * m[n] / ((v[n] * v_scale).sqrt() + self.eps) for n, p in params.items()}, {"m": m, "v": v}
+
+
+def as_optimizer(rule: Union[float, InnerOptimizer]) -> InnerOptimizer:
+    """A number is plain SGD at that rate (MAML's ``inner_lr``)."""
+    return SGD(float(rule)) if isinstance(rule, (int, float)) else rule
+
+
+def inner_step(forward: Forward, params: Params, x: Tensor, y: Tensor, objective: Objective, rule: InnerOptimizer, step: int,
+               state: InnerState, adapted: Optional[Collection[str]] = None, fixed_at: Optional[FixedAt] = None,
+               first_order: bool = False) -> tuple[Params, InnerState]:
+    """One inner step on ``(x, y)``: the gradient of the loss with respect to the ``adapted`` parameters (all when
+    None), turned into new parameters by ``rule``. The other parameters pass through unchanged.
+
+    Returns:
+        All parameters (the adapted ones updated) and the rule's state for the next step.
+    """
+    names = [n for n in params if adapted is None or n in adapted]
+    current = params if fixed_at is None else {**params, **fixed_at(step)}
+    with nullcontext() if first_order else differentiated_twice():
+        loss, _ = objective(forward(current, x), y)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
+    updated, state = rule.update(step, {n: params[n] for n in names}, dict(zip(names, grads)), state)
+    return {**params, **updated}, state
+
+
+def adapt(
+    forward: Forward,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    objective: Objective,
+    inner_lr: Union[float, InnerOptimizer],
+    inner_steps: int,
+    first_order: bool = False,
+    adapted: Optional[Collection[str]] = None,
+    fixed_at: Optional[FixedAt] = None,
+) -> Params:
+    """Take ``inner_steps`` steps of the inner loop on the support set (MAML's, and every variant's).
+
+    Args:
+        forward: ``forward(params, x)`` evaluates the network with ``params``.
+        params: the starting (meta-)parameters.
+        support_x, support_y: the support set.
+        objective: ``objective(predictions, targets) -> (loss, metrics)``.
+        inner_lr: a step size (plain SGD, MAML) or an :class:`InnerOptimizer` (learned rates, Adam).
+        inner_steps: number of steps; 0 returns ``params`` unchanged.
+        first_order: treat the inner gradients as constants, so the meta-gradient skips the
+            second-order terms (first-order MAML).
+        adapted: names of the parameters that adapt (all when None); the others are used as they are.
+        fixed_at: tensors the network uses at each step without adapting them (MAML++'s batch norm).
+
+    Returns:
+        The adapted parameters, differentiable with respect to ``params`` (and to learned rates).
+    """
+    rule = as_optimizer(inner_lr)
+    state = rule.init({n: p for n, p in params.items() if adapted is None or n in adapted})
+    for step in range(inner_steps):
+        params, state = inner_step(forward, params, support_x, support_y, objective, rule, step, state, adapted, fixed_at, first_order)
+    return params
+
+
+def adaptation_path(forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective,
+                    inner_lr: Union[float, InnerOptimizer], inner_steps: int, adapted: Optional[Collection[str]] = None,
+                    fixed_at: Optional[FixedAt] = None) -> Iterator[Params]:
+    """The parameters after 0, 1, ..., ``inner_steps`` steps, for evaluation: no meta-gradient is kept, so each
+    step's graph is freed before the next (the update is the same as :func:`adapt`'s at first order)."""
+    rule = as_optimizer(inner_lr)
+    current = {n: p.detach().requires_grad_() for n, p in params.items()}
+    state = rule.init({n: p for n, p in current.items() if adapted is None or n in adapted})
+    yield current
+    for step in range(inner_steps):
+        current, state = inner_step(forward, current, support_x, support_y, objective, rule, step, state, adapted, fixed_at, first_order=True)
+        current = {n: p.detach().requires_grad_() for n, p in current.items()}
+        state = {key: {n: t.detach() for n, t in part.items()} for key, part in state.items()}
+        yield current
+
+
+def query_metrics_by_step(forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                          objective: Objective, inner_lr: Union[float, InnerOptimizer], inner_steps: int,
+                          adapted: Optional[Collection[str]] = None, fixed_at: Optional[FixedAt] = None) -> list[Metrics]:
+    """Query metrics after 0, 1, ..., ``inner_steps`` inner steps on the support set (evaluation, no meta-gradient).
+
+    After k steps the query pass uses ``fixed_at`` of the last step taken (k - 1; step 0's before any),
+    as the support pass of that step did.
+    """
+    metrics = []
+    for k, current in enumerate(adaptation_path(forward, params, support_x, support_y, objective, inner_lr, inner_steps, adapted, fixed_at)):
+        if fixed_at is not None:
+            current = {**current, **fixed_at(max(k - 1, 0))}
+        with torch.no_grad():
+            metrics.append(objective(forward(current, query_x), query_y)[1])
+    return metrics
+
+
+class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
+    """What MAML, ANIL, Meta-SGD and MAML++ share: a classifier, an inner loop run one task at a time (each task's
+    inner loop differentiates its own graph; one task per call lets the loop free it at once, and conv4 with batch
+    statistics normalises the support and the query set each on its own), the run's episode shape, and the
+    per-task ``task_loss`` and ``task_evaluate`` each of them writes.
+
+    Args:
+        inner_lr: step size of the inner loop (where learned rates start).
+        inner_steps: inner steps during meta-training.
+        test_inner_steps: inner steps at meta-validation and meta-test; metrics are reported after each.
+        first_order: drop the second-order terms of the meta-gradient.
+    """
+
+    network = "classifier"
+    inner_loop = True
+    outer = "loss"
+    episodes_per_call = 1
+
+    def __init__(self, inner_lr: float, inner_steps: int, test_inner_steps: int, first_order: bool = False) -> None:
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.test_inner_steps = test_inner_steps
+        self.first_order = first_order
+
+    def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
+        """Trained and scored on the run's own episode shape (the head has ``way`` outputs)."""
+        return way, shot, query
+
+    @abc.abstractmethod
+    def task_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, Metrics]:
+        """The differentiable meta-training loss of one task, and its metrics."""
+
+    @abc.abstractmethod
+    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
+        """One task's query metrics after 0, 1, ..., ``test_inner_steps`` inner steps."""
+
+    def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
+        """:meth:`task_loss` of each episode."""
+        return each_episode(self.task_loss, forward, params, episodes, objective)
+
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
+        """Query metrics of each episode after 0, 1, ..., ``test_inner_steps`` inner steps (:meth:`task_evaluate`)."""
+        return each_episode_by_step(self.task_evaluate, forward, params, episodes, objective)
