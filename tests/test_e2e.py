@@ -10,16 +10,18 @@ import pytest
 import torch
 
 from conftest import REPO, SMALL_OVERRIDES, read_scalars, run_cli, run_dirs, run_in_process
+from maml_cli.algorithms.registry import registered_algorithms
 
 FAST = ["progress=false", "log_every=1", "val_every=2", "val_tasks=4", "test_tasks=5", "checkpoint_every=2"]
 SINE = ["dataset=sinusoid", "iterations=4", "meta_batch_size=3", *FAST]
 
 
 def omniglot_args(data_root, iterations=3, *extra):
-    # test_inner_steps is MAML's alone: the other algorithms refuse inner-loop keys.
-    maml_only = [] if any(e.startswith("algo=") and e != "algo=maml" for e in extra) else ["test_inner_steps=2"]
+    algo = next((e.split("=", 1)[1] for e in extra if e.startswith("algo=")), "maml")
+    # test_inner_steps applies to the algorithms with an inner loop; the others refuse inner-loop keys.
+    inner_loop = ["test_inner_steps=2"] if registered_algorithms()[algo].inner_loop else []
     return [f"data_root={data_root}", *SMALL_OVERRIDES, "way=3", "shot=1", "query=2", "meta_batch_size=2",
-            "model.hidden=8", *maml_only, f"iterations={iterations}", *FAST, *extra]
+            "model.hidden=8", *inner_loop, f"iterations={iterations}", *FAST, *extra]
 
 
 def only_run(cwd: Path) -> Path:
@@ -349,3 +351,36 @@ def test_an_unknown_group_choice_lists_the_choices(tmp_path, group, choices):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == f"maml-train: error: {group}=nope: there is no {group} called 'nope'. Choices of {group}: {', '.join(choices)}.\n"
     assert not (tmp_path / "outputs").exists()
+
+
+# Every algorithm with an inner loop, found through the registry (MAML has its own tests above).
+FAMILY = sorted(name for name, entry in registered_algorithms().items() if entry.inner_loop and name != "maml")
+UNANNEALED = {"reptile": ["algo.final_outer_lr=null"], "mamlpp": ["algo.cosine_outer_lr=false"]}
+
+
+@pytest.mark.parametrize("algo", FAMILY)
+def test_each_inner_loop_algorithm_resumes_exactly_and_maml_eval_reproduces_its_test_by_inner_step(tmp_path, small_omniglot, algo):
+    # Meta-SGD's and MAML++'s rates, Reptile's annealed outer step and its mini-batch draws, MAML++'s iteration-dependent
+    # step weights: all must come back from last.pt for the resumed curve to equal the uninterrupted one.
+    # A resume that extends the run (3 -> 5 iterations) would change an annealed outer rate's schedule (refused, below):
+    # the schedules are switched off here; LambdaLR's state is restored like any scheduler's (the ProtoNet test above).
+    args = [f"algo={algo}", *UNANNEALED.get(algo, [])]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run_in_process("maml-train", omniglot_args(small_omniglot, 3, *args), cwd=tmp_path / "a")
+    first = only_run(tmp_path / "a")
+    run_in_process("maml-train", omniglot_args(small_omniglot, 5, *args, f"resume={first}"), cwd=tmp_path / "a")
+    run_in_process("maml-train", omniglot_args(small_omniglot, 5, *args), cwd=tmp_path / "b")
+    resumed, straight = read_scalars(first), read_scalars(only_run(tmp_path / "b"))
+    assert steps(resumed, "train/loss") == [1, 2, 3, 4, 5]
+    assert resumed["train/loss"] == straight["train/loss"]
+    by_step = resumed["test/accuracy_by_inner_step"][-3:]  # the first 3 are the interrupted run's own final test
+    assert [s for s, _ in by_step] == [0, 1, 2] and by_step == straight["test/accuracy_by_inner_step"]
+    report = run_in_process("maml-eval", [f"checkpoint={first / 'last.pt'}"], cwd=tmp_path).stdout.splitlines()
+    assert [float(line.split()[1]) for line in report[2:5]] == pytest.approx([v for _, v in by_step], abs=1e-4)
+
+
+def test_resume_refuses_a_new_iteration_count_when_the_algorithm_anneals_its_outer_rate_over_it(tmp_path, small_omniglot):
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2, "algo=reptile"), cwd=tmp_path)
+    run = only_run(tmp_path)
+    refused = run_in_process("maml-train", omniglot_args(small_omniglot, 4, "algo=reptile", f"resume={run}"), cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "iterations: 2 -> 4" in refused.stderr and "changes the schedule" in refused.stderr

@@ -84,7 +84,14 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
     """
     current = flatten(cfg)
     typed = typed_keys(overrides, current, flatten(config_module.compose_defaults()))
-    effective, differences = resume_config(flatten(resume_state["config"]), current, typed)
+    saved = flatten(resume_state["config"])
+    effective, differences = resume_config(saved, current, typed)
+    if "iterations" in typed and saved.get("iterations") != current["iterations"] and not cfg.force_resume:
+        schedule = build_algorithm(OmegaConf.create(unflatten(saved))).outer_lr_schedule
+        if schedule is not None:
+            # Elsewhere iterations only says where to stop; here the outer rate's schedule is spread over it.
+            differences.append(f"iterations: {saved['iterations']!r} -> {current['iterations']!r} (algo anneals its outer "
+                               f"learning rate over the run's iterations, so a new total changes the schedule)")
     if differences and not cfg.force_resume:
         raise UserError(f"resume={cfg.resume}: the command sets {'; '.join(differences)} (the run's value -> the typed one), "
                         f"which would change the run's results. Leave {'these keys' if len(differences) > 1 else 'it'} out: the run's "
