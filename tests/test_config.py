@@ -7,7 +7,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from conftest import SMALL_OVERRIDES, run_in_process
 from maml_cli import config
