@@ -602,8 +602,8 @@ def main() -> None:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype of the timed steps (the gradient check is always float64)")
-    parser.add_argument("--steps", type=int, help="timed meta-steps per row, the median is reported (default 5, --quick 2)")
-    parser.add_argument("--warmup", type=int, help="untimed meta-steps first (default 1)")
+    parser.add_argument("--steps", type=int, help="timed meta-steps per row, the median is reported (default 5, --quick 1)")
+    parser.add_argument("--warmup", type=int, help="untimed meta-steps first (default 1, --quick 0)")
     parser.add_argument("--quick", action="store_true", help="tiny settings, peak memory measured in this process: a correctness check in seconds")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {','.join(SETTINGS)}")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
@@ -615,8 +615,9 @@ def main() -> None:
     parser.add_argument("--data-root", help="data_root holding Omniglot, for --startup")
     parser.add_argument("--peak-row", nargs=2, metavar=("SETTING", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.steps = args.steps or (2 if args.quick else 5)
-    args.warmup = 1 if args.warmup is None else args.warmup
+    # --quick is a correctness check (CI runs it): one timed step, no warm-up.
+    args.steps = args.steps or (1 if args.quick else 5)
+    args.warmup = (0 if args.quick else 1) if args.warmup is None else args.warmup
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

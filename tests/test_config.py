@@ -191,6 +191,10 @@ def test_a_config_file_with_a_misspelt_key_is_rejected(tmp_path):
     ("shot=0", "shot must be at least 1"),
     ("query=0", "query must be at least 1"),
     ("algo=protonet algo.train_shot=0", "algo.train_shot must be at least 1"),
+    ("algo=lstm algo.hidden_size=0", "algo.hidden_size must be at least 1"),
+    ("algo=reptile algo.inner_batch=0", "algo.inner_batch must be at least 1"),
+    ("algo=reptile algo.final_outer_lr=-1", "algo.final_outer_lr must be at least 0"),
+    ("algo=mamlpp algo.msl_iterations=-5", "algo.msl_iterations must be at least 0"),
     ("patience=0", "patience must be at least 1 or null"),
     ("tasks_at_once=0", "tasks_at_once must be at least 1"),
     ("threads=many", "threads must be auto or a whole number of at least 1"),
@@ -199,6 +203,15 @@ def test_a_config_file_with_a_misspelt_key_is_rejected(tmp_path):
 def test_out_of_range_values_are_user_errors(override, message):
     with pytest.raises(UserError, match=message):
         validate(compose_config(override.split()))
+
+
+@pytest.mark.parametrize("algo", ["reptile", "mamlpp"])
+def test_a_scheduler_beside_an_algorithm_that_anneals_its_own_outer_rate_is_refused(algo, small_omniglot):
+    cfg = compose_config([f"algo={algo}", f"data_root={small_omniglot}", *SMALL_OVERRIDES, "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
+                          "+scheduler._partial_=true", "+scheduler.step_size=2"])
+    model = build_model(cfg, build_tasks(cfg), build_algorithm(cfg))
+    with pytest.raises(UserError, match=f"algo={algo} anneals the outer learning rate itself"):
+        build_scheduler(cfg, build_optimizer(cfg, model), build_algorithm(cfg))
 
 
 def test_data_root_defaults_to_env_var_then_user_cache(monkeypatch, tmp_path):

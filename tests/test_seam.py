@@ -54,3 +54,28 @@ def test_a_sweep_over_an_inner_loop_key_is_refused_for_the_swept_algorithms_with
         check_inner_loop_overrides(compose_config([f"algo={with_loop[0]}", "inner_steps=1"]), ["inner_steps=1"], sweep)
     check_inner_loop_overrides(compose_config([f"algo={with_loop[0]}", "inner_steps=1"]), ["inner_steps=1"],
                                [f"algo={','.join(with_loop)}", "inner_steps=1,3"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in REGISTERED.items() if e.inner_loop))
+def test_each_inner_loop_algorithm_runs_on_sinusoid_regression(name):
+    # The MLP's last layer is its head (ANIL), it has no normalisation layers (MAML++'s per-step batch norm is then empty).
+    from test_config import _instantiate_all
+
+    _instantiate_all(compose_config([f"algo={name}", "dataset=sinusoid", "test_inner_steps=2"]))
+
+
+def test_an_mlp_checkpoint_from_before_the_body_head_split_still_loads():
+    # Runs saved before ANIL needed a head of its own held one Sequential, ``net``, whose last Linear was the head.
+    import torch
+    from torch import nn
+
+    from maml_cli.models import MLP
+
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    state = {f"net.{k}": v for k, v in old.state_dict().items()}
+    model = MLP(1, 1, (40, 40))
+    model.load_state_dict(state)
+    x = torch.linspace(-5, 5, 7)[:, None]
+    torch.testing.assert_close(model(x), old(x))
+    torch.testing.assert_close(model(model(x, "body"), "head"), old(x))

@@ -192,10 +192,8 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm
     """
     schedule = algorithm.outer_lr_schedule if algorithm is not None else None
     if cfg.get("scheduler") is not None:
-        if schedule is not None:
-            raise UserError(f"algo={algorithm_name(cfg)} anneals the outer learning rate itself (its recipe; see conf/algo/), "
-                            f"so scheduler= would apply a second schedule to the same rate; leave scheduler out, or switch the "
-                            f"algorithm's annealing off.")
+        if algorithm is not None:
+            check_one_schedule(cfg, algorithm)
         return _instantiate(cfg.scheduler, "learning-rate scheduler")(optimizer)
     if schedule is None:
         return None
@@ -203,8 +201,18 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: schedule(base_lr, iteration, iterations) / base_lr)
 
 
+def check_one_schedule(cfg: DictConfig, algorithm: Algorithm) -> None:
+    """Refuse a ``scheduler`` beside an algorithm that anneals the outer rate itself (two schedules on one rate)."""
+    if cfg.get("scheduler") is not None and algorithm.outer_lr_schedule is not None:
+        raise UserError(f"algo={algorithm_name(cfg)} anneals the outer learning rate itself (its recipe; see conf/algo/{algorithm_name(cfg)}.yaml), "
+                        f"so scheduler= would apply a second schedule to the same rate; leave scheduler out, or switch the "
+                        f"algorithm's own annealing off.")
+
+
 def algorithm_name(cfg: DictConfig) -> str:
-    return hydra_choice("algo") or cfg.algo._target_.rsplit(".", 1)[-1]
+    """``algo=<name>`` as typed (or as registered, outside a Hydra app)."""
+    entry = registered_by_target(cfg.algo._target_)
+    return hydra_choice("algo") or (entry.name if entry is not None else cfg.algo._target_.rsplit(".", 1)[-1])
 
 
 def dataset_name(cfg: DictConfig) -> str:

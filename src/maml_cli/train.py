@@ -28,7 +28,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from maml_cli import config as config_module
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
-                            check_inner_loop_overrides, flatten, hparams, resolve_device, resume_config, settle_model_choices,
+                            check_inner_loop_overrides, check_one_schedule, flatten, hparams, resolve_device, resume_config, settle_model_choices,
                             typed_keys, unflatten, validate)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
@@ -120,6 +120,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     algorithm = build_algorithm(cfg)
+    check_one_schedule(cfg, algorithm)
     settle_model_choices(cfg, algorithm)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
