@@ -47,6 +47,7 @@ import json
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -295,11 +296,13 @@ def loop_reptile(setting: Setting) -> Callable:
             task_model = copy.deepcopy(model)
             inner = torch.optim.Adam(task_model.parameters(), lr=setting.inner_lr, betas=(0.0, 0.999))
             order: list[int] = []
+            # The draws are seeded by the task's images (CRC-32 of their bytes), as maml-cli's Reptile does.
+            draws = torch.Generator().manual_seed(zlib.crc32(e.support_x.detach().cpu().numpy().tobytes()))
             for _ in range(setting.inner_steps):
                 chosen = slice(None)
                 if setting.inner_batch and setting.inner_batch < len(e.support_x):
                     if len(order) < setting.inner_batch:
-                        order += torch.randperm(len(e.support_x)).tolist()
+                        order += torch.randperm(len(e.support_x), generator=draws).tolist()
                     chosen, order = order[: setting.inner_batch], order[setting.inner_batch:]
                 inner.zero_grad()
                 F.cross_entropy(task_model(e.support_x[chosen]), e.support_y[chosen]).backward()

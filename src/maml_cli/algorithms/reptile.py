@@ -18,6 +18,7 @@ how every other algorithm here is scored).
 from __future__ import annotations
 
 import enum
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -124,10 +125,16 @@ class Reptile(AlgorithmDefaults):
             state = {key: {n: t.detach() for n, t in part.items()} for key, part in state.items()}
             yield current
 
+    @staticmethod
+    def task_generator(episode: Episode) -> torch.Generator:
+        """The generator of one task's mini-batches, seeded by the task's own images: the draws depend on the task
+        alone (whose order the run's seed fixes), not on which thread runs it first (``tasks_at_once``)."""
+        return torch.Generator().manual_seed(zlib.crc32(episode.support_x.detach().cpu().numpy().tobytes()))
+
     def task_direction(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Params, Metrics]:
-        """theta - theta' for one task (drawn from torch's global generator, which checkpoints restore), and the
-        adapted weights' query metrics."""
-        *_, adapted = self.adaptation(forward, params, episode.support_x, episode.support_y, objective, self.inner_steps, self.inner_batch)
+        """theta - theta' for one task, and the adapted weights' query metrics."""
+        *_, adapted = self.adaptation(forward, params, episode.support_x, episode.support_y, objective, self.inner_steps, self.inner_batch,
+                                      self.task_generator(episode))
         with torch.no_grad():
             _, metrics = objective(forward(adapted, episode.query_x), episode.query_y)
         return {n: p.detach() - adapted[n].detach() for n, p in params.items()}, metrics
