@@ -68,11 +68,4 @@ def registered_algorithms() -> dict[str, Registered]:
 
 def registered_by_target(target: str) -> Registered | None:
     """The algorithm whose schema builds ``target`` (a config's ``algo._target_``), if any."""
-    for entry in registered_algorithms().values():
-        if dataclasses.fields(entry.schema) and _target_of(entry.schema) == target:
-            return entry
-    return None
-
-
-def _target_of(schema: type) -> str:
-    return next(f.default for f in dataclasses.fields(schema) if f.name == "_target_")
+    return next((entry for entry in registered_algorithms().values() if entry.schema._target_ == target), None)
