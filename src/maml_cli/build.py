@@ -28,6 +28,11 @@ RESUME_FREE_KEYS = {
     "checkpoint_every", "data_root", "dataset.root", "dataset.download", "patience", "model.channels_last",
 }
 
+# How the machine at hand computes and reports: a resumed run takes these from the resume command (its
+# defaults where they are not typed), never from the machine it ran on before (a GPU host's threads=7 on a
+# 2-core laptop would oversubscribe it).
+MACHINE_KEYS = ("device", "threads", "tasks_at_once", "progress")
+
 
 def resolve_device(spec: str) -> torch.device:
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
@@ -317,9 +322,9 @@ def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str
     """The config a resumed run continues with, and the typed changes that would change its results.
 
     The run's own config (``saved``, flattened) is the base: a resume needs none of the original
-    overrides. Keys in ``typed`` take the value of ``current`` (the config composed from the resume
-    command); a key this version knows and the run's config lacks takes its current default (in a
-    node, only when the node builds the same class).
+    overrides. Keys in ``typed`` and :data:`MACHINE_KEYS` take the value of ``current`` (the config
+    composed from the resume command); a key this version knows and the run's config lacks takes its
+    current default (in a node, only when the node builds the same class).
 
     Returns:
         The flattened effective config, and ``"key: saved -> typed"`` for each typed key that differs from
@@ -332,7 +337,7 @@ def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str
     for key, value in current.items():
         node = key.split(".", 1)[0]
         same_class = node not in NODES or node in replaced or saved.get(f"{node}._target_") == current.get(f"{node}._target_")
-        if key in typed or node in replaced or (key not in effective and same_class and not _inside_a_value(key, effective)):
+        if key in typed or key in MACHINE_KEYS or node in replaced or (key not in effective and same_class and not _inside_a_value(key, effective)):
             effective[key] = value
     return effective, differences
 
