@@ -46,12 +46,14 @@ import importlib
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -65,6 +67,7 @@ from maml_cli.algorithms.protonet import ProtoNet
 from maml_cli.algorithms.reptile import Reptile
 from maml_cli.build import CPU_EMBEDDING_CHUNK, default_channels_last
 from maml_cli.data.episodes import ClassImageSampler
+from maml_cli.data.store import ImageStore, StoreSampler, write_store_rows
 from maml_cli.loop import TaskThreads, accumulate_meta_gradient
 from maml_cli.models import Conv4
 from maml_cli.tasks import Episode, classification_objective
@@ -94,6 +97,11 @@ class Setting:
     # g / sqrt(v), which does not shrink with |g|, so a rounding difference in a gradient element near Adam's epsilon
     # (conv4's biases before batch norm have true gradient zero) becomes a difference of the step itself.
     grad_tolerance: float | None = None
+    channels: int = 1
+    image_size: int = 28
+    # Draw the data from a memory-mapped image store on disk of miniImageNet's training size (64 x 600 images),
+    # as maml-train does for the image datasets other than Omniglot, instead of from a tensor on the device.
+    store: bool = False
 
     def describe(self) -> str:
         if self.algo == "lstm":
@@ -104,7 +112,8 @@ class Setting:
         if self.algo in GRADIENT_STEP_ALGOS:
             extra = f", {self.inner_steps} step{'s' * (self.inner_steps != 1)}"
             extra += f", {'first' if self.first_order else 'second'} order" if self.algo != "reptile" else f", inner batch {self.inner_batch or 'all'}"
-        return f"{self.algo} {shape}, meta-batch {self.meta_batch}{extra}"
+        images = f", {self.image_size}x{self.image_size}x{self.channels} from an image store" if self.store else ""
+        return f"{self.algo} {shape}, meta-batch {self.meta_batch}{extra}{images}"
 
 
 # Algorithms with an inner loop of gradient steps on a classifier (conv4 with a head).
@@ -124,6 +133,9 @@ SETTINGS = {
     "metasgd_a": Setting("metasgd_a", "metasgd", 5, 1, 15, 32, inner_steps=1),
     "mamlpp_5w": Setting("mamlpp_5w", "mamlpp", 5, 1, 1, 8, inner_steps=5, inner_lr=0.1),
     "reptile_5w": Setting("reptile_5w", "reptile", 5, 10, 1, 5, inner_steps=5, inner_lr=1e-3, inner_batch=10, grad_tolerance=1e-6),
+    # miniImageNet's shapes, the data read from an image store: Finn et al.'s MAML and Snell et al.'s training episodes.
+    "maml_mini": Setting("maml_mini", "maml", 5, 1, 15, 4, inner_steps=5, hidden=32, inner_lr=0.01, channels=3, image_size=84, store=True),
+    "protonet_mini": Setting("protonet_mini", "protonet", 30, 1, 15, 1, channels=3, image_size=84, store=True),
 }
 # The same settings shrunk until a meta-step takes milliseconds: what CI and the tests run.
 QUICK = {
@@ -138,6 +150,8 @@ QUICK = {
     "metasgd_a": Setting("metasgd_a", "metasgd", 5, 1, 2, 3, inner_steps=1, hidden=8),
     "mamlpp_5w": Setting("mamlpp_5w", "mamlpp", 5, 1, 1, 2, inner_steps=3, hidden=8, inner_lr=0.1),
     "reptile_5w": Setting("reptile_5w", "reptile", 3, 4, 1, 2, inner_steps=3, hidden=8, inner_lr=1e-3, inner_batch=5, grad_tolerance=1e-6),
+    "maml_mini": Setting("maml_mini", "maml", 3, 1, 2, 2, inner_steps=2, hidden=8, inner_lr=0.01, channels=3, image_size=16, store=True),
+    "protonet_mini": Setting("protonet_mini", "protonet", 5, 1, 2, 1, hidden=8, channels=3, image_size=16, store=True),
 }
 # Omniglot's meta-training split as maml-train holds it: 1,100 characters x 4 rotations, 20 images each.
 DATA_CLASSES, DATA_IMAGES = 4400, 20
@@ -156,13 +170,14 @@ def make_model(setting: Setting, dtype: torch.dtype, device: torch.device, seed:
     channels_last = (impl.startswith("maml-cli") or impl == "fwd+bwd") and default_channels_last(device)
     if setting.algo in GRADIENT_STEP_ALGOS:
         # Meta-SGD's and MAML++'s own meta-parameters (rates, per-step norms) are added here for every implementation.
-        model = algorithm(setting).attach(Conv4(1, setting.way, hidden=setting.hidden, channels_last=channels_last))
+        model = algorithm(setting).attach(Conv4(setting.channels, setting.way, hidden=setting.hidden, image_size=setting.image_size,
+                                                channels_last=channels_last))
         with torch.no_grad():  # rates and rows that differ by element and step, as after some meta-training
             for name, p in model.named_parameters():
                 if name.startswith(("inner_lrs.", "step_norms.")):
                     p.mul_(1 + 0.2 * torch.rand(p.shape))
     elif setting.algo == "protonet":
-        model = Conv4(1, 0, hidden=setting.hidden, channels_last=channels_last)
+        model = Conv4(setting.channels, 0, hidden=setting.hidden, image_size=setting.image_size, channels_last=channels_last)
     else:
         backbone = Conv4(1, 0, hidden=setting.hidden, batch_norm="example", channels_last=channels_last)
         chunk = CPU_EMBEDDING_CHUNK if (impl.startswith("maml-cli") or impl == "fwd+bwd") and device.type == "cpu" else None
@@ -171,10 +186,33 @@ def make_model(setting: Setting, dtype: torch.dtype, device: torch.device, seed:
     return model.to(device=device, dtype=dtype)
 
 
-def make_sampler(setting: Setting, device: torch.device, seed: int = 0, classes: int = DATA_CLASSES) -> ClassImageSampler:
+def make_sampler(setting: Setting, device: torch.device, seed: int = 0, classes: int = DATA_CLASSES) -> ClassImageSampler | StoreSampler:
+    if setting.store:
+        return store_sampler(setting, device, seed)
     images = torch.randint(0, 256, (classes, DATA_IMAGES, 1, 28, 28), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(seed))
     return ClassImageSampler(images.to(device), setting.way, setting.shot, setting.query, "benchmark data")
+
+
+# miniImageNet's meta-training split as an image store holds it: 64 classes x 600 images.
+STORE_CLASSES, STORE_IMAGES = 64, 600
+_STORES: dict[tuple[int, int], ImageStore] = {}
+
+
+def store_sampler(setting: Setting, device: torch.device, seed: int = 0) -> StoreSampler:
+    """Episodes read from an image store in a temporary folder (written once per image shape and run): random pixels
+    in the file layout ``maml-train`` decodes a dataset into, read row by row as training reads them."""
+    key = (setting.channels, setting.image_size)
+    if key not in _STORES:
+        folder = Path(tempfile.mkdtemp(prefix="maml-cli-bench-store-")) / "store"
+        classes, images = (STORE_CLASSES, STORE_IMAGES) if setting.image_size >= 84 else (2 * setting.way, 8)
+        rng = np.random.default_rng(seed)
+        names = [f"class{c}" for c in range(classes)]
+        write_store_rows(folder, names, [images] * classes, (rng.integers(0, 256, (images, setting.channels, setting.image_size,
+                                                                                    setting.image_size), dtype=np.uint8) for _ in names))
+        _STORES[key] = ImageStore(folder)
+    store = _STORES[key]
+    return StoreSampler(store, store.offsets[:-1], store.counts, setting.way, setting.shot, setting.query, "benchmark store", device)
 
 
 def make_episodes(setting: Setting, dtype: torch.dtype, device: torch.device, seed: int = 0) -> list[Episode]:

@@ -63,6 +63,27 @@ def small_vinyals_split(tmp_path_factory) -> Path:
     return write_small_vinyals_split(tmp_path_factory.mktemp("splits"))
 
 
+@pytest.fixture(scope="session")
+def small_image_root(tmp_path_factory) -> Path:
+    """A data root with a miniature copy of every image dataset's files (image_formats.py), ``folder/`` a plain
+    folder of class folders; enough classes and images for every preset's episodes at reduced image sizes."""
+    from image_formats import write_cifar100, write_cub_archive, write_folder, write_miniimagenet_pickles, write_tieredimagenet
+
+    root = tmp_path_factory.mktemp("images")
+    write_miniimagenet_pickles(root, classes=(30, 5, 5), per_class=31)
+    write_cifar100(root)
+    write_cub_archive(root)
+    write_tieredimagenet(root)
+    write_folder(root / "folder", classes=32)
+    return root
+
+
+def image_dataset_overrides(dataset: str, root: Path) -> list[str]:
+    """What makes ``dataset=<dataset>`` run on :func:`small_image_root`'s copy: its data, small images and a small conv4."""
+    folder = [f"dataset.root={root / 'folder'}"] if dataset == "folder" else []
+    return [f"data_root={root}", *folder, "dataset.image_size=16", "model.hidden=8"]
+
+
 def console_script(name: str) -> str:
     """The installed console script next to this interpreter (the venv's), else on PATH."""
     candidate = Path(sys.executable).parent / name

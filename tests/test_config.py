@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
-from conftest import SMALL_OVERRIDES, run_in_process
+from conftest import SMALL_OVERRIDES, image_dataset_overrides, run_in_process
 from maml_cli import config
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
                             has_inner_loop, validate)
@@ -42,20 +42,27 @@ def test_defaults_are_maml_on_omniglot_5_way_1_shot():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_instantiates(name, small_omniglot, small_vinyals_split):
-    cfg = compose_config([f"experiment={name}", f"data_root={small_omniglot}", *(
-        # 20-way presets need 20 validation classes: 5 characters x 4 rotations.
-        SMALL_OVERRIDES + ["dataset.val_characters=5", f"dataset.split_dir={small_vinyals_split}"] if "omniglot" in name else [])])
-    _instantiate_all(cfg)
+def test_every_experiment_composes_and_instantiates(name, small_omniglot, small_vinyals_split, small_image_root):
+    if "miniimagenet" in name:
+        overrides = image_dataset_overrides("miniimagenet", small_image_root)
+    else:
+        overrides = [f"data_root={small_omniglot}", *(
+            # 20-way presets need 20 validation classes: 5 characters x 4 rotations.
+            SMALL_OVERRIDES + ["dataset.val_characters=5", f"dataset.split_dir={small_vinyals_split}"] if "omniglot" in name else [])]
+    _instantiate_all(compose_config([f"experiment={name}", *overrides]))
 
 
 @pytest.mark.parametrize("group,choice", GROUP_CHOICES)
-def test_every_group_option_composes_and_instantiates(group, choice, small_omniglot):
+def test_every_group_option_composes_and_instantiates(group, choice, small_omniglot, small_image_root):
     overrides = [f"{group}={choice}", f"data_root={small_omniglot}", *SMALL_OVERRIDES]
-    if group == "dataset" and choice != "omniglot":
+    if group == "dataset" and choice == "sinusoid":
         overrides = [f"{group}={choice}"]
+    elif group == "dataset" and choice != "omniglot":
+        overrides = [f"{group}={choice}", "query=1", *image_dataset_overrides(choice, small_image_root)]
     if group == "model" and choice == "mlp":
         overrides = ["dataset=sinusoid", "model=mlp"]
+    if group == "model" and choice == "resnet12":
+        overrides.append("model.hidden=[8,8,8,8]")  # the default widths are tested in test_resnet12.py; here, that it composes
     _instantiate_all(compose_config(overrides))
 
 
@@ -93,10 +100,11 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("model", MODELS)
-def test_the_lstm_network_computes_each_step_on_its_own_for_every_dataset_and_model(dataset, model, small_omniglot):
+def test_the_lstm_network_computes_each_step_on_its_own_for_every_dataset_and_model(dataset, model, small_omniglot, small_image_root):
     # Whatever the dataset and model, a step's output must not depend on later inputs of the sequence: the build
     # either chooses a per-example model (conv4's batch_norm left null) or it refuses (below).
-    data = [f"data_root={small_omniglot}", *SMALL_OVERRIDES] if dataset == "omniglot" else []
+    data = ([f"data_root={small_omniglot}", *SMALL_OVERRIDES] if dataset == "omniglot" else [] if dataset == "sinusoid"
+            else image_dataset_overrides(dataset, small_image_root)[:-1])
     cfg = compose_config(["algo=lstm", f"dataset={dataset}", f"model={model}", "algo.embedding=backbone", "algo.protocol=sequence", *data])
     tasks = build_tasks(cfg)
     try:
@@ -105,7 +113,7 @@ def test_the_lstm_network_computes_each_step_on_its_own_for_every_dataset_and_mo
         assert "does not fit dataset" in str(error)
         return
     assert not network.mixes_examples
-    episode = tasks.sampler("train", cfg.way, 4, 0).sample(torch.Generator().manual_seed(0))
+    episode = tasks.sampler("train", cfg.way, 2, 0).sample(torch.Generator().manual_seed(0))
     labels_in = torch.zeros(1, len(episode.support_x), network.head.out_features)
     outputs, _ = network(episode.support_x[None], labels_in)
     later = episode.support_x.clone()

@@ -9,7 +9,9 @@ import torch
 
 from conftest import SHARED_OMNIGLOT, write_small_omniglot
 from maml_cli.data import omniglot
-from maml_cli.data.omniglot import ALPHABETS, Listing, OmniglotTasks, ensure_files, safe_extract, split_classes, verify_set
+from maml_cli.data import store
+from maml_cli.data.files import safe_extract
+from maml_cli.data.omniglot import ALPHABETS, Listing, OmniglotTasks, ensure_files, split_classes, verify_set
 from maml_cli.errors import DataError
 
 
@@ -68,7 +70,7 @@ def test_truncated_zip_is_reported(tmp_path):
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("images_background/a.txt", "x" * 10000)
     archive.write_bytes(archive.read_bytes()[:200])
-    with pytest.raises(DataError, match="not a readable zip"):
+    with pytest.raises(DataError, match="not a readable archive"):
         safe_extract(archive, tmp_path / "out")
 
 
@@ -120,7 +122,7 @@ def test_small_copy_decodes_rotates_and_caches(tmp_path, monkeypatch):
         expected = torch.rot90(tasks.images[characters[i]], int(turns[i]), dims=(-2, -1))
         assert torch.equal(sampler.class_images[i, :, 0], expected)
     # A second load reads the cache instead of decoding.
-    monkeypatch.setattr(omniglot, "_decode", lambda *a: pytest.fail("decoded again instead of using the cache"))
+    monkeypatch.setattr(store, "decode_image", lambda *a: pytest.fail("decoded again instead of using the store"))
     again = OmniglotTasks(str(root), val_characters=1, test_characters=2, download=False, check_counts=False)
     assert torch.equal(again.images, tasks.images)
 

@@ -18,14 +18,17 @@ from torch import nn
 from maml_cli.algorithms.base import Algorithm
 from maml_cli.algorithms.registry import field_bounds, registered_algorithms, registered_by_target
 from maml_cli.config import Config
+from maml_cli.data.base import ImageTaskFamily, TaskFamily, VectorTaskFamily
 from maml_cli.errors import UserError
+from maml_cli.tasks import EpisodeSampler
 from maml_cli.suggest import GROUPS, HIDDEN_FIELDS, schema_fields, unknown_key_message
 from maml_cli.threads import threads_problem
 
 # Keys that may change between a run and its resumption without changing its results.
 RESUME_FREE_KEYS = {
     "iterations", "device", "tasks_at_once", "threads", "resume", "force_resume", "progress", "log_every", "val_every", "val_tasks", "test_tasks",
-    "checkpoint_every", "data_root", "dataset.root", "dataset.download", "patience", "model.channels_last",
+    "checkpoint_every", "data_root", "dataset.root", "dataset.download", "dataset.store_dir", "dataset.in_memory", "patience",
+    "model.channels_last",
 }
 
 # How the machine at hand computes and reports: a resumed run takes these from the resume command (its
@@ -53,8 +56,10 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check what the schema's types cannot: ranges, and keys appended with ``+`` that no schema declares."""
-    problems = []
+    """Check what the schema's types cannot: values left to the user (``???``), ranges, and keys appended with
+    ``+`` that no schema declares."""
+    problems = [f"{key} has no default and must be given, e.g. {key}=<{'folder' if key.endswith(('root', '_dir')) else 'value'}>"
+                for key in sorted(OmegaConf.missing_keys(cfg)) if not key.startswith("hydra.")]
     # Keys appended with + are not checked by Hydra against the schema; judge them by the schema's fields.
     top_level = schema_fields(Config)
     problems += [unknown_key_message(key, top_level + list(GROUPS)) for key in cfg if key not in top_level]
@@ -76,7 +81,8 @@ def validate(cfg: DictConfig) -> None:
         schema = OmegaConf.get_type(cfg[node_name])
         for key, (low, strictly) in (field_bounds(schema).items() if dataclasses.is_dataclass(schema) else ()):
             value = cfg[node_name].get(key)
-            if value is not None and (value <= low if strictly else value < low):
+            entries = list(value) if OmegaConf.is_list(value) else [value]  # a list field (model.hidden) bounds each entry
+            if any(v is not None and (v <= low if strictly else v < low) for v in entries):
                 problems.append(f"{node_name}.{key} must be {'above' if strictly else 'at least'} {low} (got {value})")
     if threads_problem(cfg.threads):
         problems.append(threads_problem(cfg.threads))
@@ -96,9 +102,17 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise UserError(f"could not build the {what} from its config: {err}") from err
 
 
-def build_tasks(cfg: DictConfig) -> Any:
-    """The task family of ``cfg.dataset`` (Omniglot, sinusoid)."""
-    return _instantiate(cfg.dataset, "dataset")
+def build_tasks(cfg: DictConfig) -> TaskFamily:
+    """The task family of ``cfg.dataset`` (an image dataset, sinusoid regression).
+
+    Raises:
+        UserError: what ``dataset._target_`` builds does not keep the task-family contract (:mod:`maml_cli.data.base`).
+    """
+    tasks = _instantiate(cfg.dataset, "dataset")
+    if not isinstance(tasks, (ImageTaskFamily, VectorTaskFamily)):
+        raise UserError(f"dataset._target_={cfg.dataset._target_} built a {type(tasks).__name__}, which is not a task family: it needs "
+                        f"kind, split_name, sampler() and describe(), and in_channels and image_size (images) or in_features (vectors).")
+    return tasks
 
 
 def default_channels_last(device: torch.device) -> bool:
@@ -127,7 +141,7 @@ def settle_model_choices(cfg: DictConfig, algorithm: Algorithm) -> None:
         cfg.model.batch_norm = "example" if algorithm.per_example_network else "batch"
 
 
-def build_model(cfg: DictConfig, tasks: Any, algorithm: Algorithm, device: torch.device = torch.device("cpu")) -> nn.Module:
+def build_model(cfg: DictConfig, tasks: TaskFamily, algorithm: Algorithm, device: torch.device = torch.device("cpu")) -> nn.Module:
     """The network the algorithm needs, from ``cfg.model``, shaped for the task family and ``cfg.way``, on ``device``.
 
     MAML gets the backbone with a head of ``way`` outputs (1 for regression),
@@ -141,13 +155,15 @@ def build_model(cfg: DictConfig, tasks: Any, algorithm: Algorithm, device: torch
     """
     settle_model_choices(cfg, algorithm)
     outputs = cfg.way if tasks.kind.name == "classification" else 1
-    if tasks.kind.name == "classification":
+    if isinstance(tasks, ImageTaskFamily):
         shape = {"in_channels": tasks.in_channels, "image_size": tasks.image_size}
+        input_size = tasks.in_channels * tasks.image_size ** 2
     else:
         shape = {"in_features": tasks.in_features}
+        input_size = tasks.in_features
     if algorithm.network == "embedding" and tasks.kind.name != "classification":
         raise UserError(f"algo={algorithm_name(cfg)} classifies by distances to class prototypes and needs a classification "
-                        f"dataset (dataset=omniglot); dataset={dataset_name(cfg)} is {tasks.kind.name}.")
+                        f"dataset (an image dataset, e.g. dataset=omniglot); dataset={dataset_name(cfg)} is {tasks.kind.name}.")
     if "channels_last" in cfg.model:
         chosen = cfg.model.channels_last
         shape["channels_last"] = default_channels_last(device) if chosen is None else bool(chosen)
@@ -157,7 +173,6 @@ def build_model(cfg: DictConfig, tasks: Any, algorithm: Algorithm, device: torch
         raise UserError(f"model {cfg.model._target_} does not fit dataset {cfg.dataset._target_}: {err}") from err
     network = backbone
     if algorithm.network == "recurrent":
-        input_size = tasks.in_features if tasks.kind.name != "classification" else tasks.in_channels * tasks.image_size ** 2
         network = algorithm.make_network(backbone, input_size, label_size=outputs, out_features=outputs,
                                          embedding_chunk=CPU_EMBEDDING_CHUNK if device.type == "cpu" else None)
     network = algorithm.attach(network)
@@ -171,7 +186,7 @@ def build_model(cfg: DictConfig, tasks: Any, algorithm: Algorithm, device: torch
     return network.to(device)
 
 
-def build_samplers(cfg: DictConfig, tasks: Any, algorithm: Any, device: torch.device) -> dict[str, Any]:
+def build_samplers(cfg: DictConfig, tasks: TaskFamily, algorithm: Algorithm, device: torch.device) -> dict[str, EpisodeSampler]:
     """One episode sampler per split, in the shape the algorithm trains and is scored on."""
     samplers = {}
     for split in ("train", "val", "test"):
@@ -360,7 +375,7 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def hparams(cfg: DictConfig, tasks: Any) -> dict[str, Any]:
+def hparams(cfg: DictConfig, tasks: TaskFamily) -> dict[str, Any]:
     """The hyperparameters shown in TensorBoard's HParams tab (scalars and strings only)."""
     keys = ["way", "shot", "query", "inner_lr", "outer_lr", "inner_steps", "test_inner_steps", "meta_batch_size", "iterations", "seed"]
     # Inner-loop keys mean nothing to an algorithm without an inner loop; showing them would suggest they mattered.

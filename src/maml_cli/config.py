@@ -6,8 +6,6 @@ the key's name, before any data is loaded.
 """
 from __future__ import annotations
 
-import enum
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,39 +15,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from maml_cli.algorithms.registry import registered_algorithms
+from maml_cli.algorithms.registry import at_least, registered_algorithms
+from maml_cli.data.registry import registered_datasets
 from maml_cli.models import BatchNormMode
-
-
-class Split(str, enum.Enum):
-    random = "random"
-    lake = "lake"
-    vinyals = "vinyals"
-
-
-@dataclass
-class OmniglotConfig:
-    _target_: str = "maml_cli.data.omniglot.OmniglotTasks"
-    root: str = MISSING
-    split: Split = Split.random
-    split_seed: int = 0
-    val_characters: int = 100
-    test_characters: int = 423
-    split_dir: Optional[str] = None
-    image_size: int = 28
-    download: bool = True
-    check_counts: bool = True
-
-
-@dataclass
-class SinusoidConfig:
-    _target_: str = "maml_cli.data.sinusoid.SinusoidTasks"
-    amplitude_min: float = 0.1
-    amplitude_max: float = 5.0
-    phase_min: float = 0.0
-    phase_max: float = math.pi
-    x_min: float = -5.0
-    x_max: float = 5.0
 
 
 @dataclass
@@ -64,6 +32,14 @@ class Conv4Config:
 class MLPConfig:
     _target_: str = "maml_cli.models.MLP"
     hidden: list[int] = field(default_factory=lambda: [40, 40])
+
+
+@dataclass
+class ResNet12Config:
+    _target_: str = "maml_cli.models.ResNet12"
+    hidden: list[int] = at_least(1, default_factory=lambda: [64, 160, 320, 640])  # each block's filters
+    batch_norm: Optional[BatchNormMode] = None  # None: chosen for the algorithm (build.settle_model_choices)
+    channels_last: Optional[bool] = None  # None: build_model chooses by device (build.default_channels_last)
 
 
 @dataclass
@@ -162,10 +138,11 @@ def register() -> None:
     store.store(name="schema", node=Config)
     for name, entry in registered_algorithms().items():
         store.store(group="schema/algo", name=name, node=entry.schema)
-    store.store(group="schema/dataset", name="omniglot", node=OmniglotConfig)
-    store.store(group="schema/dataset", name="sinusoid", node=SinusoidConfig)
+    for name, dataset in registered_datasets().items():
+        store.store(group="schema/dataset", name=name, node=dataset.schema)
     store.store(group="schema/model", name="conv4", node=Conv4Config)
     store.store(group="schema/model", name="mlp", node=MLPConfig)
+    store.store(group="schema/model", name="resnet12", node=ResNet12Config)
 
 
 def config_dir() -> str:

@@ -6,6 +6,7 @@ Usage::
     maml-eval checkpoint=outputs/runs/<run>           # a run directory: its best.pt, else its last.pt
               [split=test|val] [way=N] [shot=K] [query=Q] [eval_seed=0] [device=auto] [data_root=DIR]
               [dataset.split_dir=DIR]                   # where the split's class lists are now, if they moved
+              [dataset.root=DIR] [dataset.store_dir=DIR]  # dataset=folder's images, the decoded images, if they moved
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
 regression) after each number of inner steps (one row for algorithms without an
@@ -42,6 +43,8 @@ class EvalDataset:
     """The dataset keys ``maml-eval`` may change: where the run's files are on this machine."""
 
     split_dir: Optional[str] = None  # default: the run's (the class lists of a named split, when they have moved)
+    root: Optional[str] = None  # default: the run's (dataset=folder's images, when they have moved)
+    store_dir: Optional[str] = None  # default: the run's (where the decoded images are kept)
 
 
 @dataclass
@@ -108,12 +111,14 @@ def run_eval(args: EvalConfig) -> dict:
     elif args.test_inner_steps is not None:
         raise UserError(f"test_inner_steps does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; "
                         f"leave it out.")
-    if args.data_root is not None and "root" in cfg.dataset:
-        cfg.dataset.root = args.data_root
-    if args.dataset.split_dir is not None:
-        if "split_dir" not in cfg.dataset:
-            raise UserError(f"dataset.split_dir does not apply to the run's dataset ({cfg.dataset._target_.rsplit('.', 1)[-1]}); leave it out.")
-        cfg.dataset.split_dir = args.dataset.split_dir
+    if args.data_root is not None and "root" in cfg.dataset and cfg.dataset.root == cfg.get("data_root"):
+        cfg.dataset.root = args.data_root  # the dataset's files were under the run's data_root (not dataset=folder's own root)
+    moved = {"split_dir": args.dataset.split_dir, "root": args.dataset.root, "store_dir": args.dataset.store_dir}
+    for key, value in moved.items():
+        if value is not None:
+            if key not in cfg.dataset:
+                raise UserError(f"dataset.{key} does not apply to the run's dataset ({cfg.dataset._target_.rsplit('.', 1)[-1]}); leave it out.")
+            cfg.dataset[key] = value
     threads, why = choose_threads(str(args.threads))
     torch.set_num_threads(threads)
     log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)

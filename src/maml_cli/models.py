@@ -201,6 +201,97 @@ class Conv4(nn.Module):
         return h if part == "body" else self.head(h)
 
 
+class ResidualBlock(nn.Module):
+    """One block of ResNet-12: three 3x3 convolutions with normalisation and LeakyReLU(0.1), a 1x1 shortcut, 2x2 max-pooling.
+
+    The third convolution's normalised output is added to the shortcut before the last LeakyReLU.
+
+    Args:
+        in_channels: channels of the block's input.
+        out_channels: filters of each convolution.
+        batch_norm: which statistics the normalisation layers use.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, batch_norm: BatchNormMode) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=3, padding=1, bias=False)
+                                   for c in (in_channels, out_channels, out_channels))
+        self.norms = nn.ModuleList(_norm(out_channels, batch_norm) for _ in range(3))
+        self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.shortcut_norm = _norm(out_channels, batch_norm)
+
+    def forward(self, x: Tensor, layout: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """``layout``: the memory format of every convolution's output (a no-op once the input has it)."""
+        h = x
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            h = norm(conv(h).contiguous(memory_format=layout))
+            if i < 2:
+                h = F.leaky_relu(h, 0.1)
+        shortcut = self.shortcut_norm(self.shortcut(x).contiguous(memory_format=layout))
+        return F.max_pool2d(F.leaky_relu(h + shortcut, 0.1), 2)
+
+
+class ResNet12(nn.Module):
+    """ResNet-12, the backbone of TADAM (Oreshkin et al. 2018), MetaOptNet (Lee et al. 2019) and FEAT (Ye et al. 2020).
+
+    Four :class:`ResidualBlock` s of ``hidden[i]`` filters, each halving the image side, then global
+    average pooling to an embedding of ``hidden[-1]`` features (FEAT's and most recent papers'
+    convention; MetaOptNet flattens the last feature map instead) and a linear head of
+    ``out_features`` logits (``out_features=0`` drops the head, leaving the embedding). Convolutions
+    start from Kaiming-normal weights (fan-out, leaky ReLU), as in MetaOptNet and FEAT. MetaOptNet's
+    DropBlock regularisation is not included.
+
+    Args:
+        in_channels: image channels (1 for Omniglot).
+        out_features: number of classes of a task (the ``way``), or 0 for no head.
+        hidden: filters of the four blocks (64, 160, 320, 640 in MetaOptNet and FEAT).
+        image_size: side of the square input images; at least 16, for four 2x2 poolings.
+        batch_norm: which statistics the normalisation layers use.
+        channels_last: compute in the channels-last memory format, except passes marked
+            :func:`differentiated_twice` (as :class:`Conv4`).
+
+    Example:
+        >>> net = ResNet12(1, 5, hidden=(8, 8, 16, 16))
+        >>> net(torch.zeros(10, 1, 28, 28)).shape
+        torch.Size([10, 5])
+        >>> net(torch.zeros(10, 1, 28, 28), "body").shape
+        torch.Size([10, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_features: int = 5,
+        hidden: tuple[int, ...] = (64, 160, 320, 640),
+        image_size: int = 28,
+        batch_norm: BatchNormMode = BatchNormMode.batch,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        widths = [int(w) for w in hidden]
+        if len(widths) != 4 or min(widths) < 1:
+            raise ValueError(f"hidden={list(hidden)} must be four positive filter counts, one per block (e.g. [64, 160, 320, 640])")
+        if image_size < 16:
+            raise ValueError(f"image_size={image_size} is too small for four 2x2 poolings (needs at least 16)")
+        self.blocks = nn.ModuleList(ResidualBlock(c, w, batch_norm) for c, w in zip([in_channels, *widths[:-1]], widths))
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
+        self.embedding_size = widths[-1]
+        self.head = nn.Linear(self.embedding_size, out_features) if out_features > 0 else nn.Identity()
+        self.mixes_examples = BatchNormMode(batch_norm) is BatchNormMode.batch
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor, part: Part = "all") -> Tensor:
+        """Logits of images ``x`` (``part="all"``), their features (``"body"``), or the head applied to features ``x`` (``"head"``)."""
+        if part != "head":
+            layout = torch.channels_last if self.channels_last and not in_differentiated_twice() else torch.contiguous_format
+            for block in self.blocks:
+                x = block(x, layout)
+            x = x.mean(dim=(2, 3))
+        return x if part == "body" else self.head(x)
+
+
 class MLP(nn.Module):
     """Fully connected ReLU network; 1-40-40-1 is the sinusoid regressor of Finn et al. (2017).
 

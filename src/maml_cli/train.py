@@ -161,7 +161,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
             writer.file_writer.add_summary(summary)
     log.info("run directory: %s", run_dir)
     log.info("dataset split: %s %s; device: %s; %d parameters", tasks.split_name,
-             getattr(tasks, "describe", dict)(), device, sum(p.numel() for p in model.parameters()))
+             tasks.describe(), device, sum(p.numel() for p in model.parameters()))
     try:
         if not trainer.train():
             writer.close()

@@ -26,9 +26,10 @@ class InnerLoopConfig:
     test_inner_steps: int = II("test_inner_steps")
 
 
-def at_least(low: float, default: Any = dataclasses.MISSING, positive: bool = False) -> Any:
-    """A schema field with a lower bound that ``maml-train`` checks at start-up (``positive``: strictly above ``low``)."""
-    return dataclasses.field(default=default, metadata={"at_least": low, "positive": positive})
+def at_least(low: float, default: Any = dataclasses.MISSING, positive: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A schema field with a lower bound that ``maml-train`` checks at start-up (``positive``: strictly above ``low``); a
+    list field (its default from ``default_factory``) bounds each of its entries."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"at_least": low, "positive": positive})
 
 
 def field_bounds(schema: type) -> dict[str, tuple[float, bool]]:

@@ -8,8 +8,12 @@ from maml_cli.errors import EpisodeError
 from maml_cli.tasks import Episode
 
 
-def check_episode_size(way: int, shot: int, query: int, n_classes: int, images_per_class: int, where: str) -> None:
-    """Raise :class:`EpisodeError` naming the numbers if a split cannot supply the episode."""
+def check_episode_size(way: int, shot: int, query: int, n_classes: int, images_per_class: int, where: str,
+                       smallest: bool = False) -> None:
+    """Raise :class:`EpisodeError` naming the numbers if a split cannot supply the episode.
+
+    ``smallest``: the classes differ in size and ``images_per_class`` is the smallest one's.
+    """
     if way == 1:
         raise EpisodeError(f"way=1 in the {where}: a classification task needs at least 2 classes. Use way>=2 "
                            f"(and algo.train_way>=2 for ProtoNet).")
@@ -22,8 +26,9 @@ def check_episode_size(way: int, shot: int, query: int, n_classes: int, images_p
         )
     if shot + query > images_per_class:
         raise EpisodeError(
-            f"shot + query = {shot} + {query} = {shot + query} distinct images per class, but each class of the {where} "
-            f"has only {images_per_class} images. Use shot + query <= {images_per_class}."
+            f"shot + query = {shot} + {query} = {shot + query} distinct images per class, but "
+            f"{'the smallest class' if smallest else 'each class'} of the {where} has only {images_per_class} images. "
+            f"Use shot + query <= {images_per_class}."
         )
 
 
@@ -59,13 +64,22 @@ class ClassImageSampler:
         picks = torch.rand(self.way, images_per_class, generator=generator).argsort(dim=1)[:, : self.shot + self.query]
         device = self.class_images.device
         images = self.class_images[classes.to(device)[:, None], picks.to(device)].float().div_(255)
-        image_shape = images.shape[2:]
-        labels = torch.arange(self.way, device=device)
-        support_order = torch.randperm(self.way * self.shot, generator=generator).to(device)
-        query_order = torch.randperm(self.way * self.query, generator=generator).to(device)
-        return Episode(
-            support_x=images[:, : self.shot].reshape(-1, *image_shape)[support_order],
-            support_y=labels.repeat_interleave(self.shot)[support_order],
-            query_x=images[:, self.shot :].reshape(-1, *image_shape)[query_order],
-            query_y=labels.repeat_interleave(self.query)[query_order],
-        )
+        return arrange_episode(images, self.shot, generator)
+
+
+def arrange_episode(images: Tensor, shot: int, generator: torch.Generator) -> Episode:
+    """An episode from the drawn images ``(way, shot + query, *image)``: class ``i`` of the draw is label ``i``,
+    its first ``shot`` images the support set; support and query are each shuffled with ``generator``."""
+    way, k = images.shape[:2]
+    query = k - shot
+    device = images.device
+    image_shape = images.shape[2:]
+    labels = torch.arange(way, device=device)
+    support_order = torch.randperm(way * shot, generator=generator).to(device)
+    query_order = torch.randperm(way * query, generator=generator).to(device)
+    return Episode(
+        support_x=images[:, :shot].reshape(-1, *image_shape)[support_order],
+        support_y=labels.repeat_interleave(shot)[support_order],
+        query_x=images[:, shot:].reshape(-1, *image_shape)[query_order],
+        query_y=labels.repeat_interleave(query)[query_order],
+    )

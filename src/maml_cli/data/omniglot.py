@@ -14,23 +14,22 @@ number of quarter turns).
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import enum
 import logging
-import os
-import shutil
-import tempfile
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from omegaconf import MISSING
 from torch import Tensor
 from torchvision.datasets import Omniglot
-from torchvision.transforms import functional as TF
 
 from maml_cli.data.episodes import ClassImageSampler, check_episode_size
+from maml_cli.data.files import safe_extract
 from maml_cli.data.lock import exclusive
+from maml_cli.data.registry import register_dataset
+from maml_cli.data.store import ClassListing, prepared_store
 from maml_cli.errors import DataError
 from maml_cli.tasks import CLASSIFICATION
 
@@ -40,7 +39,6 @@ FOLDER = Omniglot.folder  # "omniglot-py"
 SETS = ("images_background", "images_evaluation")
 IMAGES_PER_CHARACTER = 20
 ROTATIONS = (0, 90, 180, 270)
-CACHE_VERSION = 1
 
 # Characters per alphabet of the original release; 30 / 964 / 19,280 and
 # 20 / 659 / 13,180 alphabets / characters / images.
@@ -119,36 +117,6 @@ def verify_set(folder: Path, set_name: str, check_counts: bool = True) -> tuple[
     return found, problems
 
 
-def safe_extract(zip_path: Path, destination: Path) -> None:
-    """Extract a zip archive, refusing entries that would land outside ``destination``.
-
-    Raises:
-        DataError: the archive is not a valid zip, fails its CRC check, or names an
-            absolute path or a path with ``..`` components.
-    """
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            for name in archive.namelist():
-                parts = PurePosixPath(name.replace("\\", "/")).parts
-                if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                    raise DataError(f"{zip_path} contains the unsafe entry {name!r} (absolute path or '..'); refusing to extract it.")
-            bad = archive.testzip()
-            if bad is not None:
-                raise DataError(f"{zip_path} is corrupt: entry {bad!r} fails its CRC check. Replace the file with a good copy.")
-            destination.mkdir(parents=True, exist_ok=True)
-            # Extract next to the destination, then move into place, so an
-            # interrupted extraction never looks like a complete folder.
-            with tempfile.TemporaryDirectory(dir=destination, prefix=".extract-") as scratch:
-                archive.extractall(scratch)
-                for entry in Path(scratch).iterdir():
-                    target = destination / entry.name
-                    if target.exists():
-                        shutil.rmtree(target) if target.is_dir() else target.unlink()
-                    os.replace(entry, target)
-    except (zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{zip_path} is not a readable zip archive ({err}); it may be truncated. Replace it with a good copy.") from err
-
-
 class VerifiedOmniglot(Omniglot):
     """torchvision's Omniglot, accepting any copy whose contents are complete.
 
@@ -224,25 +192,14 @@ def ensure_files(root: Path, download: bool = True, check_counts: bool = True) -
     return Listing(characters, files, n_background)
 
 
-def _decode(path: Path, image_size: int) -> Tensor:
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L")
-            image = TF.resize(image, [image_size, image_size], antialias=True)
-            pixels = TF.pil_to_tensor(image)[0]
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path} is not a readable image ({err}). Replace the dataset copy with a good one.") from err
-    # Strokes are dark on white; invert so the background is 0 and strokes are bright.
-    return 255 - pixels
+def load_images(root: Path, image_size: int = 28, download: bool = True, check_counts: bool = True,
+                store_dir: str | None = None) -> tuple[Tensor, Listing]:
+    """All Omniglot characters as one uint8 tensor ``(n_characters, images, size, size)``, memory-mapped.
 
-
-def load_images(root: Path, image_size: int = 28, download: bool = True, check_counts: bool = True) -> tuple[Tensor, Listing]:
-    """All Omniglot characters as one uint8 tensor ``(n_characters, images, size, size)``.
-
-    The decoded tensor is cached in ``<root>/omniglot-py/`` keyed by the image
-    size and the list of files, so later runs skip decoding. Runs that start
-    together take turns (a lock file ``<root>/.omniglot-py.lock``): the first
-    extracts and decodes, the others then read what it left.
+    The images are decoded once into an image store (:mod:`maml_cli.data.store`) in
+    ``<root>/omniglot-py/`` (or ``store_dir``), keyed by the image size and the list of files, so later
+    runs map it instead of decoding. Runs that start together take turns (a lock file
+    ``<root>/.omniglot-py.lock``): the first extracts and decodes, the others then read what it left.
     """
     root = Path(root).expanduser()
     if download and not root.exists():
@@ -250,26 +207,13 @@ def load_images(root: Path, image_size: int = 28, download: bool = True, check_c
             root.mkdir(parents=True)
     lock = root / f".{FOLDER}.lock" if root.is_dir() else None  # a root that is a file is reported by ensure_files
     with exclusive(lock, f"Omniglot under {root / FOLDER}"):
-        return _prepare(root, image_size, download, check_counts)
-
-
-def _prepare(root: Path, image_size: int, download: bool, check_counts: bool) -> tuple[Tensor, Listing]:
-    listing = ensure_files(root, download, check_counts)
-    key = hashlib.sha1("\n".join(f"{c}:{len(f)}" for c, f in zip(listing.characters, listing.files)).encode()).hexdigest()[:12]
-    cache = root / FOLDER / f"maml_cli_cache_v{CACHE_VERSION}_{image_size}px_{key}.pt"
-    if cache.is_file():
-        try:
-            stored = torch.load(cache, weights_only=True)
-            if stored["characters"] == listing.characters:
-                return stored["images"], listing
-        except Exception as err:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s)", cache, err)
-    log.info("decoding %d Omniglot characters to %dx%d (once; cached in %s)", len(listing.characters), image_size, image_size, cache)
-    images = torch.stack([torch.stack([_decode(f, image_size) for f in pngs]) for pngs in listing.files])
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"characters": listing.characters, "images": images}, tmp)
-    os.replace(tmp, cache)
-    return images, listing
+        listing = ensure_files(root, download, check_counts)
+        parent = Path(store_dir).expanduser() if store_dir else root / FOLDER
+        identity = [f"{c}:{len(f)}" for c, f in zip(listing.characters, listing.files)]
+        # Strokes are dark on white: inverted, the background is 0 and strokes are bright.
+        store = prepared_store(parent, "omniglot", identity, lambda: ClassListing(listing.characters, listing.files),
+                               image_size, channels=1, invert=True, what="Omniglot")
+    return store.dense()[:, :, 0], listing
 
 
 def _with_rotations(characters: Tensor) -> Tensor:
@@ -355,6 +299,7 @@ class OmniglotTasks:
         download: let torchvision download missing files.
         check_counts: require the full release (964 + 659 characters of 20 images);
             turn off only for deliberately reduced copies.
+        store_dir: where the decoded images are stored (default: ``<root>/omniglot-py/``).
     """
 
     kind = CLASSIFICATION
@@ -362,10 +307,10 @@ class OmniglotTasks:
 
     def __init__(self, root: str, split: str = "random", split_seed: int = 0, val_characters: int = 100,
                  test_characters: int = 423, split_dir: str | None = None, image_size: int = 28,
-                 download: bool = True, check_counts: bool = True) -> None:
+                 download: bool = True, check_counts: bool = True, store_dir: str | None = None) -> None:
         self.image_size = image_size
         self.split_name = str(getattr(split, "value", split))
-        self.images, self.listing = load_images(Path(root), image_size, download, check_counts)
+        self.images, self.listing = load_images(Path(root), image_size, download, check_counts, store_dir)
         self.classes = split_classes(self.listing, self.split_name, split_seed, val_characters, test_characters, split_dir)
 
     def describe(self) -> dict[str, int]:
@@ -388,3 +333,27 @@ class OmniglotTasks:
             chosen = turns == k
             class_images[chosen] = torch.rot90(class_images[chosen], k, dims=(-2, -1))
         return ClassImageSampler(class_images.unsqueeze(2).to(device), way, shot, query, self._where(split))
+
+
+class Split(str, enum.Enum):
+    random = "random"
+    lake = "lake"
+    vinyals = "vinyals"
+
+
+@dataclass
+class OmniglotConfig:
+    _target_: str = "maml_cli.data.omniglot.OmniglotTasks"
+    root: str = MISSING
+    split: Split = Split.random
+    split_seed: int = 0
+    val_characters: int = 100
+    test_characters: int = 423
+    split_dir: Optional[str] = None
+    image_size: int = 28
+    download: bool = True
+    check_counts: bool = True
+    store_dir: Optional[str] = None
+
+
+register_dataset("omniglot", OmniglotConfig, OmniglotTasks)

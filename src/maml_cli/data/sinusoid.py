@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from maml_cli.data.registry import register_dataset
 from maml_cli.errors import EpisodeError
 from maml_cli.tasks import REGRESSION, Episode
 
@@ -57,6 +59,10 @@ class SinusoidTasks:
         self.x_range = (x_min, x_max)
         self.split_name = "none (tasks generated on the fly)"
 
+    def describe(self) -> dict[str, int]:
+        """Nothing to count: every split draws from the same distribution."""
+        return {}
+
     def sampler(self, split: str, way: int, shot: int, query: int, device: torch.device | str = "cpu") -> SinusoidSampler:
         """An episode sampler; ``way`` must be 1 because a regression task has no classes."""
         if way != 1:
@@ -64,3 +70,17 @@ class SinusoidTasks:
         if shot < 1 or query < 0:
             raise EpisodeError(f"shot must be at least 1 and query at least 0 (got shot={shot}, query={query}).")
         return SinusoidSampler(shot, query, self.amplitude, self.phase, self.x_range, device)
+
+
+@dataclass
+class SinusoidConfig:
+    _target_: str = "maml_cli.data.sinusoid.SinusoidTasks"
+    amplitude_min: float = 0.1
+    amplitude_max: float = 5.0
+    phase_min: float = 0.0
+    phase_max: float = math.pi
+    x_min: float = -5.0
+    x_max: float = 5.0
+
+
+register_dataset("sinusoid", SinusoidConfig, SinusoidTasks)
