@@ -166,8 +166,32 @@ def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small
     logged = dict(read_scalars(run)["test/accuracy_by_inner_step"])
     for row in lines:
         assert float(row[1]) == pytest.approx(logged[int(row[0])], abs=1e-4)
-    report = json.loads((run / "eval_last_test_3w1s.json").read_text())
+    report = json.loads((run / "eval_last_test_3w1s_2q_5tasks_seed0_2steps.json").read_text())
     assert report["tasks"] == 5 and len(report["by_inner_step"]) == 3
+
+
+def test_maml_eval_never_writes_over_another_evaluations_results(tmp_path, capsys):
+    from maml_cli import evaluate
+    run_in_process("maml-train", SINE, cwd=tmp_path)
+    run = only_run(tmp_path)
+
+    def written() -> Path:
+        return Path(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("written: ")).split(": ", 1)[1])
+
+    evaluate.main([f"checkpoint={run / 'last.pt'}", "test_tasks=3"])
+    first = written()
+    assert first == run / "eval_last_test_1w10s_10q_3tasks_seed0_10steps.json"
+    evaluate.main([f"checkpoint={run / 'last.pt'}", "test_tasks=3", "shot=5", "query=7", "eval_seed=4"])
+    assert written().name == "eval_last_test_1w5s_7q_3tasks_seed4_10steps.json"
+    # The same settings again: a second file, the first one left as it was.
+    before = first.read_text()
+    evaluate.main([f"checkpoint={run / 'last.pt'}", "test_tasks=3"])
+    assert written().name == "eval_last_test_1w10s_10q_3tasks_seed0_10steps-2.json" and first.read_text() == before
+    evaluate.main([f"checkpoint={run / 'last.pt'}", "test_tasks=3", f"output={tmp_path / 'mine.json'}"])
+    assert written() == tmp_path / "mine.json" and json.loads((tmp_path / "mine.json").read_text())["tasks"] == 3
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([f"checkpoint={run / 'last.pt'}", f"output={tmp_path / 'mine.json'}"])
+    assert exit_info.value.code == 2 and "exists already" in capsys.readouterr().err
 
 
 def test_maml_eval_takes_a_run_directory_and_says_which_checkpoint_it_scores(tmp_path, capsys, caplog):
@@ -277,7 +301,7 @@ def test_protonet_scores_any_way_from_one_checkpoint_and_maml_refuses(tmp_path, 
     run_in_process("maml-train", omniglot_args(small_omniglot, 2, "algo=protonet", "algo.train_way=6"), cwd=tmp_path)
     run = only_run(tmp_path)
     result = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}", "way=5"], cwd=tmp_path)
-    assert "5-way 1-shot" in result.stdout and (run / "eval_last_test_5w1s.json").is_file()
+    assert "5-way 1-shot" in result.stdout and list(run.glob("eval_last_test_5w1s_*q_*tasks_seed0*.json"))
     no_inner_loop = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}", "test_inner_steps=3"], cwd=tmp_path, check=False)
     assert no_inner_loop.returncode == 2 and "test_inner_steps does not apply to ProtoNet" in no_inner_loop.stderr
     (tmp_path / "m").mkdir()

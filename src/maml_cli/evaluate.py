@@ -7,16 +7,19 @@ Usage::
               [split=test|val] [way=N] [shot=K] [query=Q] [eval_seed=0] [device=auto] [data_root=DIR]
               [dataset.split_dir=DIR]                   # where the split's class lists are now, if they moved
               [dataset.root=DIR] [dataset.store_dir=DIR]  # dataset=folder's images, the decoded images, if they moved
+              [output=FILE]                             # where to write the JSON (default: a name recording the settings)
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
 regression) after each number of inner steps (one row for algorithms without an
 inner loop), and by presentation index for a sequence-trained LSTM, and writes
-the same tables as JSON next to the checkpoint. ``way`` may differ from the
+the same tables as JSON next to the checkpoint, in a file whose name records the
+settings the numbers depend on (never over another evaluation's), or to output=. ``way`` may differ from the
 run's only for algorithms whose network has no fixed number of outputs
 (ProtoNet: a model trained on 60-way episodes scores 5-way and 20-way ones).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -61,6 +64,7 @@ class EvalConfig:
     threads: str = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the CPUs this process may use) or a number
     data_root: Optional[str] = None  # default: the run's data root
     dataset: EvalDataset = field(default_factory=EvalDataset)
+    output: Optional[str] = None  # the JSON file to write (refused if it exists); default: a name beside the checkpoint
 
 
 def parse_args(argv: list[str]) -> EvalConfig:
@@ -168,14 +172,59 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.output and Path(args.output).exists():
+            raise output_exists(Path(args.output))
         report = run_eval(args)
     except UserError as err:
         print(f"maml-eval: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(format_table(report))
-    out = Path(args.checkpoint).with_name(f"eval_{Path(args.checkpoint).stem}_{args.split}_{report['way']}w{report['shot']}s.json")
-    out.write_text(json.dumps(report, indent=2))
+    try:
+        out = write_report(report, Path(args.checkpoint), Path(args.output) if args.output else None)
+    except UserError as err:
+        print(f"maml-eval: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"written: {out}")
+
+
+def output_exists(output: Path) -> UserError:
+    return UserError(f"output={output} exists already; maml-eval does not write over another evaluation's results. "
+                     f"Give another output= or leave it out (a name recording the settings is chosen beside the checkpoint).")
+
+
+def report_name(report: dict, checkpoint: Path) -> str:
+    """``eval_<checkpoint>_<split>_<way>w<shot>s_<query>q_<tasks>tasks_seed<eval_seed>[_<steps>steps]``: what an
+    evaluation's numbers depend on, so that evaluations with other settings write other files."""
+    steps = len(report["by_inner_step"]) - 1
+    return (f"eval_{checkpoint.stem}_{report['split']}_{report['way']}w{report['shot']}s_{report['query']}q_{report['tasks']}tasks"
+            f"_seed{report['eval_seed']}" + (f"_{steps}steps" if steps else ""))
+
+
+def write_report(report: dict, checkpoint: Path, output: Path | None = None) -> Path:
+    """Write ``report`` as JSON to ``output``, or beside the checkpoint under :func:`report_name` (``-2``, ``-3``, ...
+    appended when that file exists): never over another evaluation's results.
+
+    Raises:
+        UserError: ``output`` exists already.
+    """
+    text = json.dumps(report, indent=2)
+    if output is not None:
+        try:
+            with open(output, "x") as handle:
+                handle.write(text)
+        except FileExistsError:
+            raise output_exists(output) from None
+        return output
+    name = report_name(report, checkpoint)
+    for n in itertools.count(1):
+        path = checkpoint.with_name(name + (f"-{n}" if n > 1 else "") + ".json")
+        try:
+            with open(path, "x") as handle:
+                handle.write(text)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 if __name__ == "__main__":
