@@ -170,6 +170,14 @@ def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small
     assert report["tasks"] == 5 and len(report["by_inner_step"]) == 3
 
 
+def test_without_the_progress_bar_the_log_shows_each_validation_and_the_time_to_go(tmp_path):
+    result = run_in_process("maml-train", SINE, cwd=tmp_path)  # SINE: progress=false, val_every=2, iterations=4
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if ": meta-validation mse " in line]
+    assert [line.split(" - ", 1)[1].split(":", 1)[0] for line in lines] == ["iteration 2 of 4", "iteration 4 of 4"]
+    assert "s per iteration, about " in lines[0] and "to go" in lines[0] and "to go" not in lines[1]
+    assert "(best " in lines[0] and "meta-batch mse " in lines[0]
+
+
 def test_maml_eval_never_writes_over_another_evaluations_results(tmp_path, capsys):
     from maml_cli import evaluate
     run_in_process("maml-train", SINE, cwd=tmp_path)

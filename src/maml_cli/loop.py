@@ -36,6 +36,14 @@ def functional_forward(model: nn.Module) -> Forward:
     return forward
 
 
+def duration(seconds: float) -> str:
+    """``3 h 05 min``, ``12 min``, ``40 s``: a time to go, as a person reads it."""
+    minutes = int(seconds // 60)
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes} min" if minutes else f"{int(seconds)} s"
+
+
 def mean_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the normal-approximation 95% confidence interval (1.96 standard errors)."""
     n = len(values)
@@ -352,7 +360,8 @@ class MetaTrainer:
         return str(path) if path.exists() else "none (no checkpoint was written yet)"
 
     # -- validation and test ----------------------------------------------
-    def validate(self) -> float:
+    def validate(self) -> tuple[float, float]:
+        """Score the model on the meta-validation episodes, log it, keep ``best.pt``; returns the metric and its 95% CI."""
         results = evaluate(self.algorithm, self.model, self.val_sampler, self.kind, self.val_tasks, self.eval_seed, self.device)
         step = self.state.iteration
         for name, (value, ci) in results[-1].items():
@@ -365,7 +374,7 @@ class MetaTrainer:
             self.state.best_metric, self.state.best_iteration = value, step
             self.writer.add_scalar(f"val/best_{self.kind.metric}", value, step)
             self.save("best.pt")
-        return value
+        return value, results[-1][self.kind.metric][1]
 
     def test(self) -> list[dict[str, tuple[float, float]]]:
         results = evaluate(self.algorithm, self.model, self.test_sampler, self.kind, self.test_tasks, self.eval_seed, self.device,
@@ -396,6 +405,7 @@ class MetaTrainer:
         """Meta-train until ``iterations``; returns False if stopped early by a signal (``last.pt`` is saved)."""
         bar = tqdm(total=self.iterations, initial=self.state.iteration, disable=not self.progress, dynamic_ncols=True, desc="meta-train")
         window_start, window_tasks = time.perf_counter(), 0
+        session_start, session_first = time.perf_counter(), self.state.iteration
         log.info("meta-training starts at iteration %d of %d", self.state.iteration, self.iterations)
         with StopRequested() as stop:
             while self.state.iteration < self.iterations:
@@ -412,7 +422,13 @@ class MetaTrainer:
                     self.writer.add_scalar("train/tasks_per_second", window_tasks / elapsed, it)
                     window_start, window_tasks = time.perf_counter(), 0
                 if it % self.val_every == 0 or it == self.iterations:
-                    self.validate()
+                    value, ci = self.validate()
+                    # A line per validation, so that a log without the progress bar (progress=false, train.log) shows the run's course.
+                    per_iteration = (time.perf_counter() - session_start) / (it - session_first)
+                    to_go = f", about {duration(per_iteration * (self.iterations - it))} to go" if it < self.iterations else ""
+                    log.info("iteration %d of %d: meta-validation %s %.4f +- %.4f (best %.4f at %d); meta-batch %s %.4g; %.2f s per "
+                             "iteration%s", it, self.iterations, self.kind.metric, value, ci, self.state.best_metric, self.state.best_iteration,
+                             self.kind.metric, means.get(self.kind.metric, float("nan")), per_iteration, to_go)
                     if self.stalled():
                         log.info("meta-validation %s has not improved for %d iterations (best %.4f at iteration %d): stopping early",
                                  self.kind.metric, self.patience, self.state.best_metric, self.state.best_iteration)
