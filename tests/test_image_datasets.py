@@ -118,7 +118,7 @@ def test_packaged_class_lists_have_the_published_sizes_and_are_disjoint():
         return [len(lists[s]) for s in ("train", "val", "test")]
     assert sizes("cifar_fs") == [64, 16, 20] and sizes("fc100") == [12, 4, 4] and sizes("cub") == [100, 50, 50]
     assert sizes("tieredimagenet") == [351, 97, 160]
-    mini = {s: read_split_csv(PACKAGED_SPLITS / "miniimagenet" / f"{s}.csv") for s in ("train", "val", "test")}
+    mini = {s: read_split_csv(PACKAGED_SPLITS / "miniimagenet" / f"{s}.csv.gz") for s in ("train", "val", "test")}
     assert [len(mini[s][0]) for s in ("train", "val", "test")] == [64, 16, 20]
     assert {len(files) for s in mini for files in mini[s][1]} == {600}
     cifar_fs = {name for s in ("train", "val", "test") for name in (PACKAGED_SPLITS / "cifar_fs" / f"{s}.txt").read_text().split()}

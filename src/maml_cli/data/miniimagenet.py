@@ -5,13 +5,14 @@ Read from ``<root>/miniimagenet/`` in either of the two forms it is shared in:
 
 - ``images/<filename>`` (or an ``images.zip`` / ``images.tar`` holding that folder) with the split's
   ``train.csv``, ``val.csv``, ``test.csv`` (``filename,label``). The three CSVs ship inside maml-cli
-  (``maml_cli/splits/miniimagenet``, MIT licence); ``dataset.split_dir`` points at others.
+  (``maml_cli/splits/miniimagenet``, gzipped, MIT licence); ``dataset.split_dir`` points at others.
 - the pickle caches ``mini-imagenet-cache-{train,val,test}.pkl`` (``validation`` for ``val`` also read):
   ``{"image_data": (n, 84, 84, 3) uint8, "class_dict": {class: [rows]}}``, the format learn2learn reads.
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import os
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def read_split_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     if not path.is_file():
         raise DataError(f"miniImageNet: the split file {path} does not exist; dataset.split_dir must hold train.csv, val.csv and test.csv.")
     files: dict[str, list[str]] = {}
-    with open(path, newline="") as handle:
+    with (gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")) as handle:
         for row_no, row in enumerate(csv.reader(handle), start=1):
             if row_no == 1 and row[:2] == ["filename", "label"]:
                 continue
@@ -75,9 +76,9 @@ class MiniImageNetTasks(StoreTasks):
             super().__init__(splits, "miniimagenet", "ravi (pickles)", image_size, 3, in_memory)
             return
         images = _images_folder(folder, pickles)
-        csv_dir = Path(split_dir).expanduser() if split_dir else PACKAGED_SPLITS / "miniimagenet"
         for split in SPLITS:
-            path = csv_dir / f"{split}.csv"
+            # The packaged CSVs are gzipped (a megabyte each otherwise); a split_dir holds plain ones.
+            path = Path(split_dir).expanduser() / f"{split}.csv" if split_dir else PACKAGED_SPLITS / "miniimagenet" / f"{split}.csv.gz"
             names, files = read_split_csv(path)
             identity = [str(images), hashlib.sha1(path.read_bytes()).hexdigest()]
             store = prepared_store(parent, f"miniimagenet-{split}", identity,
