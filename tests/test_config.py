@@ -13,7 +13,11 @@ from maml_cli import config
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
                             has_inner_loop, validate)
 from maml_cli.errors import UserError
-from maml_cli.loop import accumulate_meta_gradient, evaluate
+from maml_cli.algorithms.base import scored as scored_predictors
+from maml_cli.data.base import ImageTaskFamily
+from maml_cli.learner import dataset_inputs
+from maml_cli.loop import accumulate_meta_gradient, evaluate, functional_forward
+from maml_cli.tasks import EpisodeBatch
 
 config.register()
 CONF = Path(config.config_dir())
@@ -85,6 +89,24 @@ def _instantiate_all(cfg):
     scored = evaluate(algorithm, model, samplers["test"], tasks.kind, 2, 0, torch.device("cpu"))
     assert len(scored) == (cfg.test_inner_steps + 1 if has_inner_loop(cfg) else 1)
     assert all(math.isfinite(step[tasks.kind.metric][0]) for step in scored)
+    # A trained model meets a new task through the same computation: the dataset's registered inputs are what the
+    # family built, and each step's predictor scores a test episode exactly as evaluate does.
+    inputs = dataset_inputs(cfg)
+    assert inputs.kind == tasks.kind
+    assert ((inputs.in_channels, inputs.image_size) == (tasks.in_channels, tasks.image_size) if isinstance(tasks, ImageTaskFamily)
+            else inputs.in_features == tasks.in_features)
+    episode = samplers["test"].sample(torch.Generator().manual_seed(3))
+    forward, params, objective = functional_forward(model), dict(model.named_parameters()), tasks.kind.objective
+    if cfg.algo.get("protocol") == "sequence":
+        with pytest.raises(UserError, match="algo.protocol=sequence"):
+            next(algorithm.adaptations(forward, params, episode.support_x, episode.support_y, objective))
+        return
+    by_step = algorithm.evaluate(forward, params, EpisodeBatch.stack([episode]), objective)
+    predicted = scored_predictors(algorithm.adaptations(forward, params, episode.support_x, episode.support_y, objective),
+                                  episode.query_x, episode.query_y, objective)
+    assert len(predicted) == len(by_step)
+    for mine, theirs in zip(predicted, by_step):
+        assert torch.allclose(mine[tasks.kind.metric], theirs[tasks.kind.metric][0], atol=1e-6)
 
 
 def test_lstm_on_sinusoid_reads_the_raw_input():

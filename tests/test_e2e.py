@@ -176,6 +176,16 @@ def test_without_the_progress_bar_the_log_shows_each_validation_and_the_time_to_
     assert [line.split(" - ", 1)[1].split(":", 1)[0] for line in lines] == ["iteration 2 of 4", "iteration 4 of 4"]
     assert "s per iteration, about " in lines[0] and "to go" in lines[0] and "to go" not in lines[1]
     assert "(best " in lines[0] and "meta-batch mse " in lines[0]
+    # Every log_every iterations (1 here) a line with the loss, the metric and the speed, on the console and in train.log.
+    every = [line.split(" - ", 1)[1] for line in (result.stdout + result.stderr).splitlines() if "tasks/s" in line]
+    assert [line.split(":", 1)[0] for line in every] == [f"iteration {k} of 4" for k in range(1, 5)]
+    assert all(", mse " in line and line.startswith(f"iteration {k} of 4: loss ") for k, line in enumerate(every, 1))
+    assert (only_run(tmp_path) / "train.log").read_text().count(" tasks/s") == 4
+    # With the progress bar the console leaves them to the bar; train.log still has them.
+    shown = run_in_process("maml-train", [*SINE, "progress=true", "seed=1"], cwd=tmp_path)
+    assert "iteration 2 of 4: meta-validation" in shown.stdout + shown.stderr and ": loss " not in shown.stdout + shown.stderr
+    newest = max(run_dirs(tmp_path), key=lambda run: run.stat().st_mtime)
+    assert (newest / "train.log").read_text().count(" tasks/s") == 4
 
 
 def test_maml_eval_never_writes_over_another_evaluations_results(tmp_path, capsys):
@@ -208,10 +218,10 @@ def test_maml_eval_takes_a_run_directory_and_says_which_checkpoint_it_scores(tmp
     run_in_process("maml-train", SINE, cwd=tmp_path)
     run = only_run(tmp_path)
     evaluate.main([f"checkpoint={run}", "test_tasks=3"])
-    assert f"{run / 'best.pt'} (iteration" in capsys.readouterr().out and "scoring its best.pt" in caplog.text
+    assert f"{run / 'best.pt'} (iteration" in capsys.readouterr().out and "using its best.pt" in caplog.text
     (run / "best.pt").unlink()
     evaluate.main([f"checkpoint={run}", "test_tasks=3"])
-    assert f"{run / 'last.pt'} (iteration 4" in capsys.readouterr().out and "scoring its last.pt (it has no best.pt)" in caplog.text
+    assert f"{run / 'last.pt'} (iteration 4" in capsys.readouterr().out and "using its last.pt (it has no best.pt)" in caplog.text
     (run / "last.pt").unlink()
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main([f"checkpoint={run}"])

@@ -17,7 +17,7 @@ def test_logits_are_negative_squared_distances_to_hand_computed_prototypes():
     # Prototypes by hand: class 0 at (1, 0), class 1 at (0, 5).
     torch.testing.assert_close(prototypes(support_x, support_y, 2), torch.tensor([[1.0, 0.0], [0.0, 5.0]]))
     expected = -torch.tensor([[1.0, 1.0 + 16.0], [1.0 + 9.0, 4.0]])
-    logits = ProtoNet().query_logits(identity_forward, {}, Episode(support_x, support_y, query_x, torch.tensor([0, 1])))
+    logits = ProtoNet().query_logits(identity_forward, {}, support_x, support_y, query_x)
     torch.testing.assert_close(logits, expected)
 
 

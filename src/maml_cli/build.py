@@ -18,7 +18,7 @@ from torch import nn
 from maml_cli.algorithms.base import Algorithm
 from maml_cli.algorithms.registry import field_bounds, registered_algorithms, registered_by_target
 from maml_cli.config import Config
-from maml_cli.data.base import ImageTaskFamily, TaskFamily, VectorTaskFamily
+from maml_cli.data.base import ImageShaped, ImageTaskFamily, TaskFamily, VectorShaped, VectorTaskFamily
 from maml_cli.errors import UserError
 from maml_cli.tasks import EpisodeSampler
 from maml_cli.suggest import GROUPS, HIDDEN_FIELDS, schema_fields, unknown_key_message
@@ -141,8 +141,10 @@ def settle_model_choices(cfg: DictConfig, algorithm: Algorithm) -> None:
         cfg.model.batch_norm = "example" if algorithm.per_example_network else "batch"
 
 
-def build_model(cfg: DictConfig, tasks: TaskFamily, algorithm: Algorithm, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """The network the algorithm needs, from ``cfg.model``, shaped for the task family and ``cfg.way``, on ``device``.
+def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: Algorithm,
+                device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The network the algorithm needs, from ``cfg.model``, shaped for the task family (or a trained model's
+    :class:`~maml_cli.data.base.ImageInputs`) and ``cfg.way``, on ``device``.
 
     MAML gets the backbone with a head of ``way`` outputs (1 for regression),
     ProtoNet the backbone without a head, and the recurrent learner an LSTM over
@@ -155,7 +157,7 @@ def build_model(cfg: DictConfig, tasks: TaskFamily, algorithm: Algorithm, device
     """
     settle_model_choices(cfg, algorithm)
     outputs = cfg.way if tasks.kind.name == "classification" else 1
-    if isinstance(tasks, ImageTaskFamily):
+    if isinstance(tasks, ImageShaped):
         shape = {"in_channels": tasks.in_channels, "image_size": tasks.image_size}
         input_size = tasks.in_channels * tasks.image_size ** 2
     else:

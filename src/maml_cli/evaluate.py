@@ -8,6 +8,7 @@ Usage::
               [dataset.split_dir=DIR]                   # where the split's class lists are now, if they moved
               [dataset.root=DIR] [dataset.store_dir=DIR]  # dataset=folder's images, the decoded images, if they moved
               [output=FILE]                             # where to write the JSON (default: a name recording the settings)
+    maml-eval checkpoint=... episodes=<folder> [test_inner_steps=N]   # tasks given as image files (below)
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
 regression) after each number of inner steps (one row for algorithms without an
@@ -16,12 +17,21 @@ the same tables as JSON next to the checkpoint, in a file whose name records the
 settings the numbers depend on (never over another evaluation's), or to output=. ``way`` may differ from the
 run's only for algorithms whose network has no fixed number of outputs
 (ProtoNet: a model trained on 60-way episodes scores 5-way and 20-way ones).
+
+With ``episodes=<folder>`` the tasks are image files, one folder per task: ``support/<class>/<images>``
+with ``query/<class>/<images>`` (labelled: accuracy per task and over the tasks, with its CI) or
+``query/<images>`` (unlabelled: predictions only); ``<folder>`` may also be one task itself. The images
+go through the preprocessing of the run's dataset. Besides the JSON, a CSV gets one row per query image
+(task, image, label if known, predicted class, its probability).
 """
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +41,12 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maml_cli.build import build_algorithm, build_model, build_tasks, has_inner_loop, resolve_device
+from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, resolve_device
 from maml_cli.checkpoint import load_checkpoint
+from maml_cli.data.task_folders import TaskFiles, read_task_folders
 from maml_cli.errors import UserError
-from maml_cli.loop import by_presentation, evaluate
+from maml_cli.learner import Learner, checkpoint_of, load
+from maml_cli.loop import by_presentation, evaluate, mean_ci95
 from maml_cli.suggest import explain_config_error
 from maml_cli.threads import choose_threads, threads_problem
 
@@ -65,6 +77,11 @@ class EvalConfig:
     data_root: Optional[str] = None  # default: the run's data root
     dataset: EvalDataset = field(default_factory=EvalDataset)
     output: Optional[str] = None  # the JSON file to write (refused if it exists); default: a name beside the checkpoint
+    episodes: Optional[str] = None  # a folder of tasks given as image files, scored instead of sampled episodes
+
+
+# What episodes=<folder> gives itself: the tasks, their shapes and their images.
+SAMPLING_KEYS = ("split", "test_tasks", "eval_seed", "way", "shot", "query", "data_root", "dataset.split_dir", "dataset.root", "dataset.store_dir")
 
 
 def parse_args(argv: list[str]) -> EvalConfig:
@@ -74,7 +91,11 @@ def parse_args(argv: list[str]) -> EvalConfig:
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise UserError(f"arguments are key=value pairs; not understood: {' '.join(bad)}")
-    if any(a.split("=", 1)[0] == "dataset" for a in argv):
+    typed = {a.split("=", 1)[0] for a in argv}
+    if "episodes" in typed and typed & set(SAMPLING_KEYS):
+        raise UserError(f"episodes=<folder> gives the tasks themselves (their classes, images and shapes); "
+                        f"{', '.join(k for k in SAMPLING_KEYS if k in typed)} apply only to sampled episodes: leave them out.")
+    if "dataset" in typed:
         raise UserError("maml-eval scores a run on its own dataset: dataset= cannot change it. Where the run's files are "
                         "elsewhere on this machine, give data_root=<dir> and, for a named split, dataset.split_dir=<dir>.")
     try:
@@ -88,19 +109,6 @@ def parse_args(argv: list[str]) -> EvalConfig:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise UserError(explain_config_error(err, groups=()) or f"{err}".replace("\n", "; ")) from err
-
-
-def checkpoint_of(path: Path) -> Path:
-    """``path`` itself, or for a run directory its ``best.pt`` (the best meta-validation score), else its ``last.pt``."""
-    if not path.is_dir():
-        return path
-    for name in ("best.pt", "last.pt"):
-        if (path / name).is_file():
-            log.info("checkpoint=%s is a run directory: scoring its %s%s", path, name,
-                     " (the best meta-validation score)" if name == "best.pt" else " (it has no best.pt)")
-            return path / name
-    raise UserError(f"checkpoint={path} is a directory without best.pt or last.pt; pass a run directory under outputs/runs/ "
-                    f"or outputs/multirun/, or a .pt file.")
 
 
 def run_eval(args: EvalConfig) -> dict:
@@ -123,22 +131,18 @@ def run_eval(args: EvalConfig) -> dict:
             if key not in cfg.dataset:
                 raise UserError(f"dataset.{key} does not apply to the run's dataset ({cfg.dataset._target_.rsplit('.', 1)[-1]}); leave it out.")
             cfg.dataset[key] = value
-    threads, why = choose_threads(str(args.threads))
-    torch.set_num_threads(threads)
-    log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)
+    set_threads(args.threads)
     device = resolve_device(args.device)
-    algorithm = build_algorithm(cfg)
+    trained_way = state["config"]["way"]
+    if cfg.way != trained_way and build_algorithm(cfg).network in ("classifier", "recurrent"):
+        raise UserError(f"the network in {args.checkpoint} does not fit way={cfg.way}: it was trained with way={trained_way} and "
+                        f"algo={cfg.algo._target_.rsplit('.', 1)[-1]} has a fixed number of outputs. Leave way unset or use way={trained_way}.")
+    learner = Learner(cfg, state["model"], device, Path(args.checkpoint), state["iteration"])
     tasks = build_tasks(cfg)
+    algorithm = learner.algorithm
     way, shot, query = algorithm.episode_shape(args.split, cfg.way, cfg.shot, cfg.query)
     sampler = tasks.sampler(args.split, way, shot, query, device)
-    model = build_model(cfg, tasks, algorithm, device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        trained_way = state["config"]["way"]
-        raise UserError(f"the network in {args.checkpoint} does not fit way={cfg.way}: it was trained with way={trained_way} and "
-                        f"algo={cfg.algo._target_.rsplit('.', 1)[-1]} has a fixed number of outputs. Leave way unset or use way={trained_way}.") from err
-    results = evaluate(algorithm, model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device, progress=True,
+    results = evaluate(algorithm, learner.model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device, progress=True,
                        description=f"meta-{args.split}")
     metric = tasks.kind.metric
     presentation = by_presentation(results[-1]).get(metric, {})
@@ -149,6 +153,82 @@ def run_eval(args: EvalConfig) -> dict:
         "by_inner_step": [{"inner_steps": k, "mean": r[metric][0], "ci95": r[metric][1]} for k, r in enumerate(results)],
         "by_presentation": [{"presentation": k, "mean": m, "ci95": c} for k, (m, c) in sorted(presentation.items())],
     }
+
+
+def set_threads(spec: str) -> None:
+    threads, why = choose_threads(str(spec))
+    torch.set_num_threads(threads)
+    log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)
+
+
+@dataclass
+class Prediction:
+    """One query image's row of the predictions CSV."""
+
+    task: str
+    image: str
+    label: Optional[str]
+    prediction: str
+    probability: float
+
+
+def score_task(learner: Learner, task: TaskFiles, root: Path) -> tuple[list[float], list[Prediction]]:
+    """One task of an episodes folder: its query accuracy after each inner step (empty when its queries are unlabelled)
+    and a prediction per query image, after the last step."""
+    classes, predictors = learner.adaptations([image for image, _ in task.support], [label for _, label in task.support])
+    query_x = learner.preprocess([image for image, _ in task.query])
+    labels = [label for _, label in task.query]
+    truth = torch.tensor([classes.index(label) for label in labels]) if task.labelled else None
+    accuracies, outputs = [], None
+    for predict in predictors:
+        outputs = predict(query_x).cpu()
+        if truth is not None:  # scored as sampled episodes are, by the task kind's own objective
+            accuracies.append(float(learner.inputs.kind.objective(outputs, truth)[1]["accuracy"]))
+    probabilities = outputs.softmax(dim=-1)
+    best, chosen = probabilities.max(dim=-1)
+    rows = [Prediction(task.name, image.relative_to(root).as_posix(), label, str(classes[c]), p)
+            for (image, label), c, p in zip(task.query, chosen.tolist(), best.tolist())]
+    return accuracies, rows
+
+
+def run_episodes(args: EvalConfig) -> tuple[dict, list[Prediction]]:
+    """Score (labelled queries) and predict (all queries) the tasks of ``args.episodes`` with the checkpoint."""
+    set_threads(args.threads)
+    learner = load(args.checkpoint, args.device)
+    args.checkpoint = str(learner.checkpoint)
+    if learner.inputs.kind.name != "classification":
+        raise UserError(f"episodes=<folder> holds images to classify; {args.checkpoint} was trained on {learner.inputs.kind.name}. "
+                        f"Use the Python API (maml_cli.load) with tensors.")
+    if args.test_inner_steps is not None:
+        learner = learner.with_inner_steps(args.test_inner_steps)
+    root = Path(args.episodes).expanduser()
+    tasks = read_task_folders(root)
+    per_task, predictions = [], []
+    for task in tasks:
+        accuracies, rows = score_task(learner, task, root)
+        predictions += rows
+        per_task.append({"task": task.name, "way": len({c for _, c in task.support}), "support": len(task.support),
+                         "query": len(task.query), "labelled": task.labelled,
+                         "accuracy_by_inner_step": accuracies})
+    scored_tasks = [t["accuracy_by_inner_step"] for t in per_task if t["labelled"]]
+    by_step = [mean_ci95([steps[k] for steps in scored_tasks]) for k in range(len(scored_tasks[0]))] if scored_tasks else []
+    report = {
+        "checkpoint": args.checkpoint, "iteration": learner.iteration, "episodes": str(root.resolve()), "algo": learner.name,
+        "metric": "accuracy", "tasks": len(scored_tasks), "unlabelled_tasks": len(tasks) - len(scored_tasks),
+        "inner_steps": learner.inner_steps,
+        "by_inner_step": [{"inner_steps": k, "mean": m, "ci95": c} for k, (m, c) in enumerate(by_step)],
+        "per_task": per_task,
+    }
+    return report, predictions
+
+
+def format_episodes_table(report: dict) -> str:
+    lines = [f"{report['checkpoint']} (iteration {report['iteration']}, {report['algo']}) on the tasks of {report['episodes']}: "
+             f"{report['tasks']} with labelled queries, {report['unlabelled_tasks']} without"]
+    if report["by_inner_step"]:
+        lines.append(f"{'inner steps':>11}  {'accuracy':>10}  {'95% CI':>8}")
+        lines += [f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {row['ci95']:>8.4f}" for row in report["by_inner_step"]]
+    return "\n".join(lines)
 
 
 def format_table(report: dict) -> str:
@@ -174,17 +254,24 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.output and Path(args.output).exists():
             raise output_exists(Path(args.output))
-        report = run_eval(args)
+        if args.output and args.episodes and Path(args.output).with_suffix(".csv").exists():
+            raise output_exists(Path(args.output).with_suffix(".csv"))
+        predictions = None
+        if args.episodes:
+            report, predictions = run_episodes(args)
+        else:
+            report = run_eval(args)
     except UserError as err:
         print(f"maml-eval: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(format_table(report))
+    print(format_episodes_table(report) if predictions is not None else format_table(report))
     try:
-        out = write_report(report, Path(args.checkpoint), Path(args.output) if args.output else None)
+        written = write_report(report, Path(args.checkpoint), Path(args.output) if args.output else None, predictions)
     except UserError as err:
         print(f"maml-eval: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"written: {out}")
+    for path in written:
+        print(f"written: {path}")
 
 
 def output_exists(output: Path) -> UserError:
@@ -193,37 +280,67 @@ def output_exists(output: Path) -> UserError:
 
 
 def report_name(report: dict, checkpoint: Path) -> str:
-    """``eval_<checkpoint>_<split>_<way>w<shot>s_<query>q_<tasks>tasks_seed<eval_seed>[_<steps>steps]``: what an
-    evaluation's numbers depend on, so that evaluations with other settings write other files."""
+    """``eval_<checkpoint>_<split>_<way>w<shot>s_<query>q_<tasks>tasks_seed<eval_seed>[_<steps>steps]``, or for tasks
+    given as files ``eval_<checkpoint>_episodes-<folder name>[_<steps>steps]``: what an evaluation's numbers depend on,
+    so that evaluations with other settings write other files."""
+    if "episodes" in report:
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(report["episodes"]).name) or "episodes"
+        steps = report["inner_steps"]
+        return f"eval_{checkpoint.stem}_episodes-{folder}" + (f"_{steps}steps" if steps else "")
     steps = len(report["by_inner_step"]) - 1
     return (f"eval_{checkpoint.stem}_{report['split']}_{report['way']}w{report['shot']}s_{report['query']}q_{report['tasks']}tasks"
             f"_seed{report['eval_seed']}" + (f"_{steps}steps" if steps else ""))
 
 
-def write_report(report: dict, checkpoint: Path, output: Path | None = None) -> Path:
-    """Write ``report`` as JSON to ``output``, or beside the checkpoint under :func:`report_name` (``-2``, ``-3``, ...
-    appended when that file exists): never over another evaluation's results.
+def predictions_csv(predictions: list[Prediction]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["task", "image", "label", "prediction", "probability"])
+    writer.writerows([p.task, p.image, p.label or "", p.prediction, f"{p.probability:.6f}"] for p in predictions)
+    return out.getvalue()
+
+
+def write_new(files: dict[Path, str]) -> bool:
+    """Write each file only if none of them exists yet (created exclusively); False when one already did."""
+    written: list[Path] = []
+    try:
+        for path, text in files.items():
+            with open(path, "x") as handle:
+                written.append(path)
+                handle.write(text)
+    except FileExistsError:
+        for path in written:
+            path.unlink()
+        return False
+    return True
+
+
+def write_report(report: dict, checkpoint: Path, output: Path | None = None, predictions: list[Prediction] | None = None) -> list[Path]:
+    """Write ``report`` as JSON (and ``predictions`` as a CSV beside it, same name but ``.csv``) to ``output``, or beside
+    the checkpoint under :func:`report_name` (``-2``, ``-3``, ... appended when that name is taken): never over another
+    evaluation's results.
+
+    Returns:
+        The files written.
 
     Raises:
-        UserError: ``output`` exists already.
+        UserError: ``output`` (or its CSV) exists already.
     """
-    text = json.dumps(report, indent=2)
+    def files(json_path: Path) -> dict[Path, str]:
+        written = {json_path: json.dumps({**report, **({"predictions": str(json_path.with_suffix(".csv"))} if predictions is not None else {})}, indent=2)}
+        if predictions is not None:
+            written[json_path.with_suffix(".csv")] = predictions_csv(predictions)
+        return written
+
     if output is not None:
-        try:
-            with open(output, "x") as handle:
-                handle.write(text)
-        except FileExistsError:
-            raise output_exists(output) from None
-        return output
+        if not write_new(files(output)):
+            raise output_exists(output)
+        return list(files(output))
     name = report_name(report, checkpoint)
     for n in itertools.count(1):
         path = checkpoint.with_name(name + (f"-{n}" if n > 1 else "") + ".json")
-        try:
-            with open(path, "x") as handle:
-                handle.write(text)
-            return path
-        except FileExistsError:
-            continue
+        if write_new(files(path)):
+            return list(files(path))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -25,6 +25,8 @@ from maml_cli.errors import UserError
 from maml_cli.tasks import Episode, EpisodeBatch, EpisodeSampler, Objective, TaskKind
 
 log = logging.getLogger(__name__)
+# A line every log_every iterations: always in train.log; on the console only without the progress bar, which shows the same.
+progress_log = logging.getLogger("maml_cli.progress")
 
 
 def functional_forward(model: nn.Module) -> Forward:
@@ -420,6 +422,9 @@ class MetaTrainer:
                     for name, value in means.items():
                         self.writer.add_scalar(f"train/{name}", value, it)
                     self.writer.add_scalar("train/tasks_per_second", window_tasks / elapsed, it)
+                    progress_log.info("iteration %d of %d: %s; %.2f tasks/s", it, self.iterations,
+                                      ", ".join(f"{name} {means[name]:.4g}" for name in dict.fromkeys(("loss", self.kind.metric)) if name in means),
+                                      window_tasks / elapsed)
                     window_start, window_tasks = time.perf_counter(), 0
                 if it % self.val_every == 0 or it == self.iterations:
                     value, ci = self.validate()

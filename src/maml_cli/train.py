@@ -10,12 +10,14 @@ Examples::
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 import torch
@@ -100,6 +102,33 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
     return OmegaConf.create(unflatten(effective))
 
 
+PROGRESS_LOGGER = "maml_cli.progress"
+
+
+class _Drop(logging.Filter):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.dropped = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(self.dropped)
+
+
+@contextlib.contextmanager
+def console_quiet(logger: str | None) -> Iterator[None]:
+    """Keep ``logger``'s records (the line every ``log_every`` iterations) off the console, where the progress bar shows
+    the same, and in the log file; ``None``: change nothing."""
+    handlers = [h for h in logging.getLogger().handlers if not isinstance(h, logging.FileHandler)] if logger else []
+    drop = _Drop(logger or "")
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
+
+
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str] | None = None) -> float:
     """Meta-train as ``cfg`` says, writing everything under ``run_dir``.
 
@@ -163,9 +192,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     log.info("dataset split: %s %s; device: %s; %d parameters", tasks.split_name,
              tasks.describe(), device, sum(p.numel() for p in model.parameters()))
     try:
-        if not trainer.train():
-            writer.close()
-            raise SystemExit(130)
+        with console_quiet(PROGRESS_LOGGER if cfg.progress else None):
+            if not trainer.train():
+                writer.close()
+                raise SystemExit(130)
         results = trainer.test()
     finally:
         writer.close()

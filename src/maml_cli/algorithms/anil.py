@@ -9,12 +9,13 @@ through the head's inner updates (``first_order=true`` drops those terms, as in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from maml_cli.algorithms.base import Forward, Metrics, Params
-from maml_cli.algorithms.inner import TaskByTaskInnerLoop, adapt, query_metrics_by_step
+from maml_cli.algorithms.base import Forward, Metrics, Params, Predictor
+from maml_cli.algorithms.inner import TaskByTaskInnerLoop, adapt, predictors_by_step
 from maml_cli.algorithms.registry import InnerLoopConfig, register_algorithm
 from maml_cli.tasks import Episode, Objective
 
@@ -30,6 +31,20 @@ class ANILConfig(InnerLoopConfig):
 def split_head(params: Params) -> tuple[Params, Params]:
     """``(body, head)``: a classifier's parameters without and with the ``head.`` prefix."""
     return {n: p for n, p in params.items() if not n.startswith(HEAD)}, {n: p for n, p in params.items() if n.startswith(HEAD)}
+
+
+def last_input_cache(compute: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``compute`` without a graph, remembering its last input and output: the predictors of every inner step
+    share one query set's body features instead of computing them again."""
+    last: list[tuple[Tensor, Tensor]] = []
+
+    def cached(x: Tensor) -> Tensor:
+        if not last or last[0][0] is not x:
+            with torch.no_grad():
+                last[:] = [(x, compute(x))]
+        return last[0][1]
+
+    return cached
 
 
 class ANIL(TaskByTaskInnerLoop):
@@ -64,12 +79,16 @@ class ANIL(TaskByTaskInnerLoop):
         adapted = adapt(head_forward, head, support_features, episode.support_y, objective, self.inner_lr, self.inner_steps, self.first_order)
         return objective(head_forward(adapted, query_features), episode.query_y)
 
-    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
-        body, head = split_head(params)
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
+        """The head after 0, 1, ..., ``test_inner_steps`` steps on the support features; a query set's features are
+        computed once and reused by every step's predictor."""
+        body, head = split_head({n: p.detach() for n, p in params.items()})
         with torch.no_grad():
-            support_features, query_features = self.features(forward, body, episode)
-        return query_metrics_by_step(self.head_forward(forward), head, support_features, episode.support_y, query_features, episode.query_y,
-                                     objective, self.inner_lr, self.test_inner_steps)
+            support_features = forward(body, support_x, "body")
+        query_features = last_input_cache(lambda query_x: forward(body, query_x, "body"))
+        for predict_head in predictors_by_step(self.head_forward(forward), head, support_features, support_y, objective, self.inner_lr,
+                                               self.test_inner_steps):
+            yield lambda query_x, predict_head=predict_head: predict_head(query_features(query_x))
 
 
 register_algorithm("anil", ANILConfig, ANIL)

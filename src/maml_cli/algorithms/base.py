@@ -1,7 +1,7 @@
 """The algorithm contract: what the training and evaluation loops may call, written down once."""
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Protocol, Union
+from typing import Callable, Iterator, Literal, Optional, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,9 @@ Metrics = dict[str, Tensor]
 Network = Literal["classifier", "embedding", "recurrent"]
 # schedule(base_lr, iteration, iterations) -> the outer learning rate at ``iteration`` (0-based).
 OuterSchedule = Callable[[float, int, int], float]
+# predict(query_x) -> the outputs for one task's queries, ``(n_query, outputs)``: a score per class of the task (in
+# label order) or the regression value. Computed without a graph.
+Predictor = Callable[[Tensor], Tensor]
 
 
 class _AlgorithmCommon(Protocol):
@@ -70,6 +73,18 @@ class _AlgorithmCommon(Protocol):
     def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
         """Query metrics of each episode, ``(len(episodes),)`` per metric, one dict per adaptation step
         (after 0, 1, ... inner steps; a single dict for algorithms that do not adapt by gradient steps)."""
+        ...
+
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
+        """One task given by its support set, adapted to: a predictor of its queries after 0, 1, ..., ``test_inner_steps``
+        inner steps (a single one for an algorithm without an inner loop), each step taken as the iterator advances.
+        This is how a trained model meets a new task (:mod:`maml_cli.learner`); ``evaluate`` computes the same
+        predictions, with every query's label known.
+
+        Raises:
+            UserError: the algorithm, as configured, has no way to predict a query from a support set (the LSTM's
+                ``sequence`` protocol scores every step of one labelled sequence).
+        """
         ...
 
 
@@ -149,6 +164,11 @@ def each_episode_by_step(task_evaluate: Callable[[Forward, Params, Episode, Obje
     step) of each episode, stacked step by step."""
     per_episode = [task_evaluate(forward, params, episode, objective) for episode in episodes]
     return [stack_metrics([steps[k] for steps in per_episode]) for k in range(len(per_episode[0]))]
+
+
+def scored(predictors: Iterator[Predictor], query_x: Tensor, query_y: Tensor, objective: Objective) -> list[Metrics]:
+    """The query metrics of each predictor of :meth:`adaptations` in turn: one task's metrics after each step."""
+    return [objective(predict(query_x), query_y)[1] for predict in predictors]
 
 
 def stack_metrics(per_episode: list[Metrics]) -> Metrics:

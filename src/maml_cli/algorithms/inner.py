@@ -21,7 +21,7 @@ from typing import Callable, Collection, Iterator, Optional, Protocol, Union
 import torch
 from torch import Tensor
 
-from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params, each_episode, each_episode_by_step
+from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params, Predictor, each_episode, each_episode_by_step, scored
 from maml_cli.models import differentiated_twice
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
@@ -162,28 +162,36 @@ def adaptation_path(forward: Forward, params: Params, support_x: Tensor, support
         yield current
 
 
-def query_metrics_by_step(forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
-                          objective: Objective, inner_lr: Union[float, InnerOptimizer], inner_steps: int,
-                          adapted: Optional[Collection[str]] = None, fixed_at: Optional[FixedAt] = None) -> list[Metrics]:
-    """Query metrics after 0, 1, ..., ``inner_steps`` inner steps on the support set (evaluation, no meta-gradient).
+def predictors_by_step(forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective,
+                       inner_lr: Union[float, InnerOptimizer], inner_steps: int, adapted: Optional[Collection[str]] = None,
+                       fixed_at: Optional[FixedAt] = None) -> Iterator[Predictor]:
+    """Predictors of the queries after 0, 1, ..., ``inner_steps`` inner steps on the support set (evaluation and use of a
+    trained model, no meta-gradient), each step taken as the iterator advances.
 
     After k steps the query pass uses ``fixed_at`` of the last step taken (k - 1; step 0's before any),
     as the support pass of that step did.
     """
-    metrics = []
     for k, current in enumerate(adaptation_path(forward, params, support_x, support_y, objective, inner_lr, inner_steps, adapted, fixed_at)):
         if fixed_at is not None:
             current = {**current, **fixed_at(max(k - 1, 0))}
+        yield predictor(forward, current)
+
+
+def predictor(forward: Forward, params: Params) -> Predictor:
+    """``predict(query_x)``: the network with ``params``, without a graph."""
+
+    def predict(query_x: Tensor) -> Tensor:
         with torch.no_grad():
-            metrics.append(objective(forward(current, query_x), query_y)[1])
-    return metrics
+            return forward(params, query_x)
+
+    return predict
 
 
 class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
     """What MAML, ANIL, Meta-SGD and MAML++ share: a classifier, an inner loop run one task at a time (each task's
     inner loop differentiates its own graph; one task per call lets the loop free it at once, and conv4 with batch
     statistics normalises the support and the query set each on its own), the run's episode shape, and the
-    per-task ``task_loss`` and ``task_evaluate`` each of them writes.
+    per-task ``task_loss`` and ``adaptations`` each of them writes.
 
     Args:
         inner_lr: step size of the inner loop (where learned rates start).
@@ -212,8 +220,12 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
         """The differentiable meta-training loss of one task, and its metrics."""
 
     @abc.abstractmethod
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
+        """Predictors of a task's queries after 0, 1, ..., ``test_inner_steps`` inner steps on its support set."""
+
     def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
-        """One task's query metrics after 0, 1, ..., ``test_inner_steps`` inner steps."""
+        """One task's query metrics after 0, 1, ..., ``test_inner_steps`` inner steps (those of :meth:`adaptations`)."""
+        return scored(self.adaptations(forward, params, episode.support_x, episode.support_y, objective), episode.query_x, episode.query_y, objective)
 
     def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
         """:meth:`task_loss` of each episode."""

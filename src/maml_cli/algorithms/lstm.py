@@ -36,13 +36,13 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params
+from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params, Predictor
 from maml_cli.algorithms.registry import at_least, register_algorithm
 from maml_cli.errors import UserError
 from maml_cli.models import Backbone, Identity, RecurrentLearner
@@ -197,6 +197,25 @@ class RecurrentMetaLearner(AlgorithmDefaults):
             return outputs, episodes.support_y
         _, query_outputs = forward(params, episodes.support_x, support, episodes.query_x, "whole" if self.centre else "off")
         return query_outputs, episodes.query_y
+
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
+        """One predictor: the LSTM reads the support set, then classifies each query from that state (``support_query``).
+
+        Raises:
+            UserError: the ``sequence`` protocol, which scores every step of one labelled sequence and has no queries.
+        """
+        if self.protocol == "sequence":
+            raise UserError("this LSTM was meta-trained with algo.protocol=sequence: it scores each step of one labelled sequence "
+                            "(accuracy by presentation) and has no set of queries to predict. Score it with maml-eval on sampled "
+                            "episodes, or meta-train with algo.protocol=support_query (N-way K-shot) to predict new queries.")
+
+        def predict(query_x: Tensor) -> Tensor:
+            # The queries never see each other (each is read from the state after the support set), and their labels are not read.
+            episode = EpisodeBatch(support_x[None], support_y[None], query_x[None], support_y.new_zeros((1, len(query_x), *support_y.shape[1:])))
+            with torch.no_grad():
+                return self.predictions(forward, params, episode)[0][0]
+
+        yield predict
 
     def _score(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
         outputs, targets = self.predictions(forward, params, episodes)

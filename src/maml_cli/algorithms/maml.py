@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Iterator
+
 from torch import Tensor
 
-from maml_cli.algorithms.base import Forward, Metrics, Params
-from maml_cli.algorithms.inner import TaskByTaskInnerLoop, adapt, query_metrics_by_step
+from maml_cli.algorithms.base import Forward, Metrics, Params, Predictor
+from maml_cli.algorithms.inner import TaskByTaskInnerLoop, adapt, predictors_by_step
 from maml_cli.algorithms.registry import InnerLoopConfig, register_algorithm
 from maml_cli.tasks import Episode, Objective
 
@@ -45,10 +47,9 @@ class MAML(TaskByTaskInnerLoop):
         adapted = adapt(forward, params, episode.support_x, episode.support_y, objective, self.inner_lr, self.inner_steps, self.first_order)
         return objective(forward(adapted, episode.query_x), episode.query_y)
 
-    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
-        """Query metrics after 0, 1, ..., ``test_inner_steps`` inner steps (no meta-gradient)."""
-        return query_metrics_by_step(forward, params, episode.support_x, episode.support_y, episode.query_x, episode.query_y,
-                                     objective, self.inner_lr, self.test_inner_steps)
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
+        """The network after 0, 1, ..., ``test_inner_steps`` inner steps on the support set (no meta-gradient)."""
+        return predictors_by_step(forward, params, support_x, support_y, objective, self.inner_lr, self.test_inner_steps)
 
 
 register_algorithm("maml", MAMLConfig, MAML)

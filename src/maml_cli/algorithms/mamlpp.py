@@ -23,13 +23,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from maml_cli.algorithms.base import Forward, Metrics, OuterSchedule, Params, attach_meta_parameters, split_meta_parameters
-from maml_cli.algorithms.inner import FixedAt, SGD, TaskByTaskInnerLoop, inner_step, query_metrics_by_step
+from maml_cli.algorithms.base import Forward, Metrics, OuterSchedule, Params, Predictor, attach_meta_parameters, split_meta_parameters
+from maml_cli.algorithms.inner import FixedAt, SGD, TaskByTaskInnerLoop, inner_step, predictors_by_step
 from maml_cli.algorithms.registry import InnerLoopConfig, at_least, register_algorithm
 from maml_cli.errors import UserError
 from maml_cli.models import BatchStatNorm
@@ -153,10 +153,9 @@ class MAMLPlusPlus(TaskByTaskInnerLoop):
         step_weights = msl_weights(self.inner_steps, self.iteration, self.msl_iterations).to(step_losses[-1])
         return (torch.stack(step_losses) * step_weights).sum(), metrics
 
-    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
         weights, rule, fixed_at, adapted = self.parts({n: p.detach() for n, p in params.items()})
-        return query_metrics_by_step(forward, weights, episode.support_x, episode.support_y, episode.query_x, episode.query_y,
-                                     objective, rule, self.test_inner_steps, adapted, fixed_at)
+        return predictors_by_step(forward, weights, support_x, support_y, objective, rule, self.test_inner_steps, adapted, fixed_at)
 
 
 register_algorithm("mamlpp", MAMLPlusPlusConfig, MAMLPlusPlus)

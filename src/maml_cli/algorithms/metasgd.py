@@ -8,12 +8,13 @@ outer optimizer learns them, checkpoints hold them and ``resume`` restores them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from maml_cli.algorithms.base import Forward, Metrics, Params, attach_meta_parameters, split_meta_parameters
-from maml_cli.algorithms.inner import SGD, TaskByTaskInnerLoop, adapt, query_metrics_by_step
+from maml_cli.algorithms.base import Forward, Metrics, Params, Predictor, attach_meta_parameters, split_meta_parameters
+from maml_cli.algorithms.inner import SGD, TaskByTaskInnerLoop, adapt, predictors_by_step
 from maml_cli.algorithms.registry import InnerLoopConfig, register_algorithm
 from maml_cli.tasks import Episode, Objective
 
@@ -55,11 +56,10 @@ class MetaSGD(TaskByTaskInnerLoop):
         adapted = adapt(forward, weights, episode.support_x, episode.support_y, objective, self.rule(rates), self.inner_steps, self.first_order)
         return objective(forward(adapted, episode.query_x), episode.query_y)
 
-    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
         weights, rates = split_meta_parameters(params, RATES)
         rule = self.rule({n: r.detach() for n, r in rates.items()})
-        return query_metrics_by_step(forward, weights, episode.support_x, episode.support_y, episode.query_x, episode.query_y,
-                                     objective, rule, self.test_inner_steps)
+        return predictors_by_step(forward, weights, support_x, support_y, objective, rule, self.test_inner_steps)
 
 
 register_algorithm("metasgd", MetaSGDConfig, MetaSGD)

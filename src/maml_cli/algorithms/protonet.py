@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import Tensor
 
-from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params, each_episode
+from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params, Predictor, each_episode
 from maml_cli.algorithms.registry import at_least, register_algorithm
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
@@ -90,16 +91,27 @@ class ProtoNet(AlgorithmDefaults):
         """Meta-training episodes have their own shape; the others use the run's."""
         return (self.train_way, self.train_shot, self.train_query) if split == "train" else (way, shot, query)
 
-    def query_logits(self, forward: Forward, params: Params, episode: Episode) -> Tensor:
-        n_support = len(episode.support_x)
-        embeddings = forward(params, torch.cat([episode.support_x, episode.query_x]))
-        way = int(episode.support_y.max()) + 1
-        class_prototypes = prototypes(embeddings[:n_support], episode.support_y, way)
+    def query_logits(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Prototype scores ``(n_query, way)`` of the queries, support and queries embedded in one batch."""
+        n_support = len(support_x)
+        embeddings = forward(params, torch.cat([support_x, query_x]))
+        way = int(support_y.max()) + 1
+        class_prototypes = prototypes(embeddings[:n_support], support_y, way)
         return prototype_logits(embeddings[n_support:], class_prototypes, self.distance, self.cosine_scale)
 
     def task_loss(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> tuple[Tensor, Metrics]:
         """Cross-entropy of the query set under the prototype scores."""
-        return objective(self.query_logits(forward, params, episode), episode.query_y)
+        return objective(self.query_logits(forward, params, episode.support_x, episode.support_y, episode.query_x), episode.query_y)
+
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
+        """One predictor: the prototype scores, computed with the queries (the support set and the queries share
+        one batch, and with batch statistics the queries given together change the prototypes)."""
+
+        def predict(query_x: Tensor) -> Tensor:
+            with torch.no_grad():
+                return self.query_logits(forward, params, support_x, support_y, query_x)
+
+        yield predict
 
     def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
         """:meth:`task_loss` of each episode."""

@@ -25,8 +25,9 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, OuterSchedule, Params, each_episode_by_step, stack_metrics
-from maml_cli.algorithms.inner import SGD, Adam, InnerOptimizer, inner_step
+from maml_cli.algorithms.base import (AlgorithmDefaults, Forward, Metrics, OuterSchedule, Params, Predictor, each_episode_by_step, scored,
+                                     stack_metrics)
+from maml_cli.algorithms.inner import SGD, Adam, InnerOptimizer, inner_step, predictor
 from maml_cli.algorithms.registry import InnerLoopConfig, at_least, register_algorithm
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
@@ -150,14 +151,14 @@ class Reptile(AlgorithmDefaults):
         return each_episode_by_step(self.task_evaluate, forward, params, episodes, objective)
 
     def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
-        # A fixed generator: an episode's mini-batches, hence its score, do not depend on what ran before.
+        return scored(self.adaptations(forward, params, episode.support_x, episode.support_y, objective), episode.query_x, episode.query_y, objective)
+
+    def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
+        """The weights after 0, 1, ..., ``test_inner_steps`` steps on mini-batches of ``test_inner_batch`` support examples."""
+        # A fixed generator: a task's mini-batches, hence its predictions, do not depend on what ran before.
         generator = torch.Generator().manual_seed(0)
-        per_step = []
-        for adapted in self.adaptation(forward, params, episode.support_x, episode.support_y, objective, self.test_inner_steps,
-                                       self.test_inner_batch, generator):
-            with torch.no_grad():
-                per_step.append(objective(forward(adapted, episode.query_x), episode.query_y)[1])
-        return per_step
+        for adapted in self.adaptation(forward, params, support_x, support_y, objective, self.test_inner_steps, self.test_inner_batch, generator):
+            yield predictor(forward, adapted)
 
 
 register_algorithm("reptile", ReptileConfig, Reptile)

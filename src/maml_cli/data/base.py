@@ -2,19 +2,61 @@
 
 A task family is built from the ``dataset`` config node and hands out one episode sampler per
 split. Adding a dataset is one module under ``maml_cli/data/`` that ends with
-``register_dataset("<name>", <Schema>, <Class>)`` (:mod:`maml_cli.data.registry`), one
+``register_dataset("<name>", <Schema>, <Class>, <inputs>)`` (:mod:`maml_cli.data.registry`), one
 ``conf/dataset/<name>.yaml``, and its tests; an image dataset builds on
 :class:`maml_cli.data.store.StoreTasks` and needs only to list its classes and their images.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Union, runtime_checkable
 
 import torch
 
-from maml_cli.tasks import EpisodeSampler, TaskKind
+from maml_cli.tasks import CLASSIFICATION, REGRESSION, EpisodeSampler, TaskKind
 
 SPLITS = ("train", "val", "test")
+
+
+@runtime_checkable
+class ImageShaped(Protocol):
+    """What a network over a family's images is built for: square images of ``in_channels`` x ``image_size`` x
+    ``image_size``, scored by ``kind``."""
+
+    kind: TaskKind
+    in_channels: int
+    image_size: int
+
+
+@runtime_checkable
+class VectorShaped(Protocol):
+    """What a network over a family's feature vectors is built for: ``in_features`` values, scored by ``kind``."""
+
+    kind: TaskKind
+    in_features: int
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """The images a dataset's networks are trained on, and how a file becomes one (what a trained model needs to
+    see new images as it saw its training images, without the dataset): grayscale (1 channel) or RGB (3),
+    resized to ``image_size``, inverted (``255 - pixels``) or not, then scaled to [0, 1]."""
+
+    in_channels: int
+    image_size: int
+    invert: bool = False
+    kind: TaskKind = CLASSIFICATION
+
+
+@dataclass(frozen=True)
+class VectorInputs:
+    """The feature vectors a dataset's networks take (sinusoid's x)."""
+
+    in_features: int
+    kind: TaskKind = REGRESSION
+
+
+Inputs = Union[ImageInputs, VectorInputs]
 
 
 class _TaskFamilyCommon(Protocol):
@@ -43,7 +85,7 @@ class _TaskFamilyCommon(Protocol):
 
 
 @runtime_checkable
-class ImageTaskFamily(_TaskFamilyCommon, Protocol):
+class ImageTaskFamily(_TaskFamilyCommon, ImageShaped, Protocol):
     """Few-shot classification of square images: ``in_channels`` x ``image_size`` x ``image_size``."""
 
     in_channels: int
@@ -51,7 +93,7 @@ class ImageTaskFamily(_TaskFamilyCommon, Protocol):
 
 
 @runtime_checkable
-class VectorTaskFamily(_TaskFamilyCommon, Protocol):
+class VectorTaskFamily(_TaskFamilyCommon, VectorShaped, Protocol):
     """Tasks over feature vectors of ``in_features`` values (sinusoid regression)."""
 
     in_features: int

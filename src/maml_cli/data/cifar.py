@@ -19,7 +19,7 @@ from maml_cli.algorithms.registry import at_least
 from maml_cli.data.base import SPLITS
 from maml_cli.data.files import load_pickle, safe_extract
 from maml_cli.data.registry import register_dataset
-from maml_cli.data.store import SplitListsConfig, PACKAGED_SPLITS, ClassListing, Pixels, StoreTasks, prepared_store, read_class_lists
+from maml_cli.data.store import SplitListsConfig, PACKAGED_SPLITS, ClassListing, Pixels, StoreTasks, prepared_store, read_class_lists, rgb_inputs
 from maml_cli.errors import DataError
 
 FOLDER = "cifar-100-python"
@@ -115,5 +115,5 @@ class FC100Config(CifarConfig):
     _target_: str = "maml_cli.data.cifar.FC100Tasks"
 
 
-register_dataset("cifar_fs", CifarConfig, CifarFSTasks)
-register_dataset("fc100", FC100Config, FC100Tasks)
+register_dataset("cifar_fs", CifarConfig, CifarFSTasks, rgb_inputs)
+register_dataset("fc100", FC100Config, FC100Tasks, rgb_inputs)

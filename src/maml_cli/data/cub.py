@@ -14,7 +14,7 @@ from pathlib import Path
 from maml_cli.data.files import safe_extract
 from maml_cli.data.folder import list_class_folders
 from maml_cli.data.registry import register_dataset
-from maml_cli.data.store import SplitListsConfig, PACKAGED_SPLITS, StoreTasks, prepared_store, read_class_lists
+from maml_cli.data.store import SplitListsConfig, PACKAGED_SPLITS, StoreTasks, prepared_store, read_class_lists, rgb_inputs
 from maml_cli.errors import DataError
 
 FOLDER = "CUB_200_2011"
@@ -58,4 +58,4 @@ class CUBConfig(SplitListsConfig):
     _target_: str = "maml_cli.data.cub.CUBTasks"
 
 
-register_dataset("cub", CUBConfig, CUBTasks)
+register_dataset("cub", CUBConfig, CUBTasks, rgb_inputs)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from maml_cli.algorithms.registry import at_least
 from maml_cli.data.base import SPLITS
+from maml_cli.data.base import ImageInputs
 from maml_cli.data.registry import register_dataset
 from maml_cli.data.store import ClassListing, StoreTasks, prepared_store, read_class_lists
 from maml_cli.errors import DataError
@@ -126,4 +127,5 @@ class FolderConfig:
     in_memory: bool = False
 
 
-register_dataset("folder", FolderConfig, FolderTasks)
+register_dataset("folder", FolderConfig, FolderTasks,
+                 lambda node: ImageInputs(node.channels, node.image_size, node.invert))

@@ -23,7 +23,7 @@ import numpy as np
 from maml_cli.data.base import SPLITS
 from maml_cli.data.files import TAR_SUFFIXES, load_pickle, safe_extract
 from maml_cli.data.registry import register_dataset
-from maml_cli.data.store import SplitListsConfig, PACKAGED_SPLITS, ClassListing, Pixels, StoreTasks, prepared_store
+from maml_cli.data.store import SplitListsConfig, PACKAGED_SPLITS, ClassListing, Pixels, StoreTasks, prepared_store, rgb_inputs
 from maml_cli.errors import DataError
 
 FOLDER = "miniimagenet"
@@ -126,4 +126,4 @@ class MiniImageNetConfig(SplitListsConfig):
     _target_: str = "maml_cli.data.miniimagenet.MiniImageNetTasks"
 
 
-register_dataset("miniimagenet", MiniImageNetConfig, MiniImageNetTasks)
+register_dataset("miniimagenet", MiniImageNetConfig, MiniImageNetTasks, rgb_inputs)

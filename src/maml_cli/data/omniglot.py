@@ -28,6 +28,7 @@ from torchvision.datasets import Omniglot
 from maml_cli.data.episodes import ClassImageSampler, check_episode_size
 from maml_cli.data.files import safe_extract
 from maml_cli.data.lock import exclusive
+from maml_cli.data.base import ImageInputs
 from maml_cli.data.registry import register_dataset
 from maml_cli.data.store import ClassListing, prepared_store
 from maml_cli.errors import DataError
@@ -39,6 +40,8 @@ FOLDER = Omniglot.folder  # "omniglot-py"
 SETS = ("images_background", "images_evaluation")
 IMAGES_PER_CHARACTER = 20
 ROTATIONS = (0, 90, 180, 270)
+# Grayscale, and inverted: strokes are dark on white, so inverted the background is 0 and strokes are bright.
+CHANNELS, INVERT = 1, True
 
 # Characters per alphabet of the original release; 30 / 964 / 19,280 and
 # 20 / 659 / 13,180 alphabets / characters / images.
@@ -210,9 +213,8 @@ def load_images(root: Path, image_size: int = 28, download: bool = True, check_c
         listing = ensure_files(root, download, check_counts)
         parent = Path(store_dir).expanduser() if store_dir else root / FOLDER
         identity = [f"{c}:{len(f)}" for c, f in zip(listing.characters, listing.files)]
-        # Strokes are dark on white: inverted, the background is 0 and strokes are bright.
         store = prepared_store(parent, "omniglot", identity, lambda: ClassListing(listing.characters, listing.files),
-                               image_size, channels=1, invert=True, what="Omniglot")
+                               image_size, channels=CHANNELS, invert=INVERT, what="Omniglot")
     return store.dense()[:, :, 0], listing
 
 
@@ -303,7 +305,7 @@ class OmniglotTasks:
     """
 
     kind = CLASSIFICATION
-    in_channels = 1
+    in_channels = CHANNELS
 
     def __init__(self, root: str, split: str = "random", split_seed: int = 0, val_characters: int = 100,
                  test_characters: int = 423, split_dir: str | None = None, image_size: int = 28,
@@ -356,4 +358,4 @@ class OmniglotConfig:
     store_dir: Optional[str] = None
 
 
-register_dataset("omniglot", OmniglotConfig, OmniglotTasks)
+register_dataset("omniglot", OmniglotConfig, OmniglotTasks, lambda node: ImageInputs(CHANNELS, node.image_size, INVERT))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maml_cli.data.base import VectorInputs
 from maml_cli.data.registry import register_dataset
 from maml_cli.errors import EpisodeError
 from maml_cli.tasks import REGRESSION, Episode
@@ -83,4 +84,4 @@ class SinusoidConfig:
     x_max: float = 5.0
 
 
-register_dataset("sinusoid", SinusoidConfig, SinusoidTasks)
+register_dataset("sinusoid", SinusoidConfig, SinusoidTasks, lambda node: VectorInputs(SinusoidTasks.in_features))

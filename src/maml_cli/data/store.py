@@ -30,7 +30,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from maml_cli.algorithms.registry import at_least
-from maml_cli.data.base import SPLITS
+from maml_cli.data.base import SPLITS, ImageInputs
 from maml_cli.data.episodes import arrange_episode, check_episode_size
 from maml_cli.data.lock import exclusive
 from maml_cli.errors import DataError
@@ -292,6 +292,11 @@ class StoreTasks:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         images = torch.from_numpy(store.images[rows]).to(device)
         return StoreSampler(images, starts, counts, way, shot, query, self.where(split), device)
+
+
+def rgb_inputs(node) -> ImageInputs:
+    """The inputs of a dataset of colour photographs, from its config node: RGB at ``image_size``, not inverted."""
+    return ImageInputs(3, node.image_size)
 
 
 def read_class_lists(split_dir: Path, known: Sequence[str], what: str, suffix: str = ".txt") -> dict[str, list[str]]:

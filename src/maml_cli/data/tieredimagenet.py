@@ -20,7 +20,7 @@ import numpy as np
 from maml_cli.data.base import SPLITS
 from maml_cli.data.files import load_pickle
 from maml_cli.data.registry import register_dataset
-from maml_cli.data.store import ImageDatasetConfig, PACKAGED_SPLITS, ClassListing, Encoded, StoreTasks, prepared_store
+from maml_cli.data.store import ImageDatasetConfig, PACKAGED_SPLITS, ClassListing, Encoded, StoreTasks, prepared_store, rgb_inputs
 from maml_cli.errors import DataError
 
 FOLDER = "tiered-imagenet"
@@ -91,4 +91,4 @@ class TieredImageNetConfig(ImageDatasetConfig):
     _target_: str = "maml_cli.data.tieredimagenet.TieredImageNetTasks"
 
 
-register_dataset("tieredimagenet", TieredImageNetConfig, TieredImageNetTasks)
+register_dataset("tieredimagenet", TieredImageNetConfig, TieredImageNetTasks, rgb_inputs)

@@ -1,0 +1,148 @@
+"""A trained meta-learner on new tasks: the Python API (maml_cli.load) and maml-eval episodes=<folder>."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import maml_cli
+from conftest import run_in_process
+from maml_cli import evaluate
+from maml_cli.build import build_tasks
+from maml_cli.checkpoint import load_checkpoint
+from maml_cli.errors import UserError
+from maml_cli.loop import functional_forward
+from maml_cli.tasks import Episode, EpisodeBatch
+from test_e2e import omniglot_args, only_run
+
+WAY, SHOT, QUERY = 3, 2, 2
+
+
+@pytest.fixture(scope="module", params=[["algo=maml"], ["algo=protonet", "algo.train_way=6", "algo.train_query=3"]], ids=["maml", "protonet"])
+def trained(request, tmp_path_factory, small_omniglot):
+    """A run of a few iterations on the small Omniglot copy, and the task family its checkpoint was trained on."""
+    cwd = tmp_path_factory.mktemp("run")
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2, *request.param), cwd=cwd)
+    run = only_run(cwd)
+    cfg = OmegaConf.create(load_checkpoint(run / "last.pt")["config"])
+    return run, build_tasks(cfg)
+
+
+def write_task(folder: Path, tasks, characters: list[int], first_image: int = 0, labelled: bool = True) -> tuple[Episode, list[str]]:
+    """Copy the image files of ``characters`` (unrotated) into ``folder`` as one task, and return the same episode as the
+    tensors the dataset gives (classes and images in name order, as the folder is read), with the class names."""
+    names = [f"class_{i}" for i in range(len(characters))]
+    support, query = [], []
+    for name, character in zip(names, characters):
+        files = tasks.listing.files[character][first_image:first_image + SHOT + QUERY]
+        pixels = tasks.images[character, first_image:first_image + SHOT + QUERY].float().div(255).unsqueeze(1)
+        (folder / "support" / name).mkdir(parents=True)
+        for k, file in enumerate(files[:SHOT]):
+            shutil.copy(file, folder / "support" / name / f"{k:02d}.png")
+        query_dir = folder / "query" / name if labelled else folder / "query"
+        query_dir.mkdir(parents=True, exist_ok=True)
+        for k, file in enumerate(files[SHOT:]):
+            shutil.copy(file, query_dir / f"{name if not labelled else ''}{k:02d}.png")
+        support.append(pixels[:SHOT])
+        query.append(pixels[SHOT:])
+    labels = torch.arange(len(characters))
+    episode = Episode(torch.cat(support), labels.repeat_interleave(SHOT), torch.cat(query), labels.repeat_interleave(QUERY))
+    return episode, names
+
+
+def test_an_episode_given_as_image_files_scores_exactly_as_the_same_episode_given_as_tensors(trained, tmp_path, capsys):
+    run, tasks = trained
+    episodes = tmp_path / "episodes"
+    reference = []
+    learner = maml_cli.load(run / "last.pt")
+    for t, characters in enumerate(([0, 1, 2], [3, 4, 5])):
+        episode, names = write_task(episodes / f"task{t}", tasks, characters)
+        # The episode as tensors through the evaluation loop's own path (what maml-eval runs on sampled episodes).
+        by_step = learner.algorithm.evaluate(functional_forward(learner.model), dict(learner.model.named_parameters()),
+                                             EpisodeBatch.stack([episode]), tasks.kind.objective)
+        reference.append([float(step["accuracy"][0]) for step in by_step])
+        # The API on tensors and on the files: the same scores, bit for bit.
+        from_tensors = learner.adapt(episode.support_x, episode.support_y).scores(episode.query_x)
+        files = sorted((episodes / f"task{t}" / "support").rglob("*.png"))
+        adapted = learner.adapt(files, [f.parent.name for f in files])
+        queries = sorted((episodes / f"task{t}" / "query").rglob("*.png"))
+        assert adapted.classes == names
+        assert torch.equal(adapted.scores(queries), from_tensors)
+        assert adapted.predict(queries) == [names[i] for i in from_tensors.argmax(dim=-1).tolist()]
+        assert torch.allclose(adapted.probabilities(queries).sum(dim=-1), torch.ones(len(queries)))
+    evaluate.main([f"checkpoint={run / 'last.pt'}", f"episodes={episodes}"])
+    out = capsys.readouterr().out
+    written = [Path(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith("written: ")]
+    report = json.loads(written[0].read_text())
+    assert [task["accuracy_by_inner_step"] for task in report["per_task"]] == reference
+    assert report["tasks"] == 2 and report["by_inner_step"][-1]["mean"] == pytest.approx(sum(r[-1] for r in reference) / 2)
+    assert written[0].name.startswith("eval_last_episodes-episodes") and written[1].suffix == ".csv"
+
+
+def test_unlabelled_queries_are_predicted_one_csv_row_per_image_and_two_evaluations_keep_both(trained, tmp_path, capsys):
+    run, tasks = trained
+    episodes = tmp_path / "new_tasks"
+    write_task(episodes / "a", tasks, [0, 1, 2], labelled=False)
+    write_task(episodes / "b", tasks, [3, 4, 5], first_image=4)
+    evaluate.main([f"checkpoint={run}", f"episodes={episodes}"])
+    first = [Path(line.split(": ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("written: ")]
+    rows = list(csv.DictReader(first[1].open()))
+    assert len(rows) == 2 * WAY * QUERY and list(rows[0]) == ["task", "image", "label", "prediction", "probability"]
+    unlabelled = [r for r in rows if r["task"] == "a"]
+    assert len(unlabelled) == WAY * QUERY and all(r["label"] == "" and r["prediction"].startswith("class_") for r in unlabelled)
+    assert sorted(r["image"] for r in unlabelled) == sorted(p.relative_to(episodes).as_posix() for p in (episodes / "a" / "query").glob("*.png"))
+    assert all(0 < float(r["probability"]) <= 1 for r in rows)
+    report = json.loads(first[0].read_text())
+    assert (report["tasks"], report["unlabelled_tasks"]) == (1, 1) and Path(report["predictions"]) == first[1]
+    evaluate.main([f"checkpoint={run}", f"episodes={episodes}"])  # the same again: new files, the first ones kept
+    second = [Path(line.split(": ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("written: ")]
+    assert second[0] != first[0] and second[1] != first[1] and first[1].read_text().count("\n") == len(rows) + 1
+
+
+def test_mistakes_with_new_tasks_are_one_line_errors(trained, tmp_path, capsys):
+    run, tasks = trained
+    learner = maml_cli.load(run)
+    episode, _ = write_task(tmp_path / "task", tasks, [0, 1, 2])
+    if learner.way is not None:  # MAML's head has 3 outputs; ProtoNet takes any number of classes
+        with pytest.raises(UserError, match="trained on 3-way tasks"):
+            learner.adapt(episode.support_x[:4], episode.support_y[:4])
+    with pytest.raises(UserError, match="support examples but"):
+        learner.adapt(episode.support_x, episode.support_y[:2])
+    with pytest.raises(UserError, match=r"takes a batch of shape \(n, 1, 28, 28\)"):
+        learner.adapt(episode.support_x[:, :, :20], episode.support_y)
+    shutil.copytree(tmp_path / "task", tmp_path / "bad" / "t")
+    (tmp_path / "bad" / "t" / "query" / "class_0").rename(tmp_path / "bad" / "t" / "query" / "unknown")
+    for args, message in (([f"episodes={tmp_path / 'bad'}"], "query class .*unknown has no support images"),
+                          ([f"episodes={tmp_path / 'missing'}"], "is not a folder"),
+                          ([f"episodes={tmp_path / 'task'}", "way=5"], "way apply only to sampled episodes")):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main([f"checkpoint={run}", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert __import__("re").search(message, err), err
+    # A single task folder is read as one task.
+    evaluate.main([f"checkpoint={run}", f"episodes={tmp_path / 'task'}"])
+    assert "1 with labelled queries" in capsys.readouterr().out
+
+
+def test_the_learner_needs_no_data_root_and_adapts_with_the_steps_asked_for(trained, tmp_path):
+    run, tasks = trained
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    learner = maml_cli.load(moved / "last.pt")  # the data root is not read: only the checkpoint
+    episode, _ = write_task(tmp_path / "task", tasks, [0, 1, 2])
+    if learner.inner_steps:
+        assert learner.inner_steps == 2
+        before = learner.adapt(episode.support_x, episode.support_y, inner_steps=0).scores(episode.query_x)
+        after = learner.adapt(episode.support_x, episode.support_y).scores(episode.query_x)
+        assert not torch.equal(before, after)
+        assert torch.equal(learner.adapt(episode.support_x, episode.support_y, inner_steps=2).scores(episode.query_x), after)
+    else:
+        with pytest.raises(UserError, match="has no inner loop"):
+            learner.adapt(episode.support_x, episode.support_y, inner_steps=3)
+    images = learner.preprocess(sorted((tmp_path / "task" / "support").rglob("*.png")))
+    assert images.shape == (WAY * SHOT, 1, 28, 28) and torch.equal(images, episode.support_x)
