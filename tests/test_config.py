@@ -309,3 +309,21 @@ def test_a_resumed_run_computes_as_the_resume_command_says_not_as_the_machine_it
     assert effective["inner_lr"] == 0.4 and effective["data_root"] == "/gpu/data" and differences == []
     typed, _ = resume_config(saved, {**current, "threads": "1"}, typed={"resume", "threads"})
     assert typed["threads"] == "1"
+
+
+@pytest.mark.parametrize("launcher,target", [("joblib", "JoblibLauncher"), ("submitit_slurm", "SlurmLauncher")])
+def test_the_launcher_configs_compose_with_their_defaults(launcher, target):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "submitit_slurm":
+        assert (cfg.hydra.launcher.cpus_per_task, cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.timeout_min) == (8, 1, 240)
+
+
+def test_the_hyperparameter_search_config_searches_the_inner_loop_and_maximises_accuracy():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hparams_search=maml_omniglot"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.direction == "maximize" and set(cfg.hydra.sweeper.params) == {"inner_lr", "outer_lr", "inner_steps"}

@@ -129,12 +129,17 @@ def test_mistakes_with_new_tasks_are_one_line_errors(trained, tmp_path, capsys):
     assert "1 with labelled queries" in capsys.readouterr().out
 
 
-def test_the_learner_needs_no_data_root_and_adapts_with_the_steps_asked_for(trained, tmp_path):
+def test_the_learner_needs_no_data_root_and_adapts_with_the_steps_asked_for(trained, tmp_path, monkeypatch):
     run, tasks = trained
-    moved = tmp_path / "run"
-    shutil.copytree(run, moved)
-    learner = maml_cli.load(moved / "last.pt")  # the data root is not read: only the checkpoint
     episode, _ = write_task(tmp_path / "task", tasks, [0, 1, 2])
+    from maml_cli.data import omniglot
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the learner read the dataset")
+
+    monkeypatch.setattr(omniglot.OmniglotTasks, "__init__", no_data)
+    monkeypatch.setattr(omniglot, "load_images", no_data)
+    learner = maml_cli.load(run / "last.pt")  # only the checkpoint: building the task family would fail here
     if learner.inner_steps:
         assert learner.inner_steps == 2
         before = learner.adapt(episode.support_x, episode.support_y, inner_steps=0).scores(episode.query_x)
@@ -146,3 +151,50 @@ def test_the_learner_needs_no_data_root_and_adapts_with_the_steps_asked_for(trai
             learner.adapt(episode.support_x, episode.support_y, inner_steps=3)
     images = learner.preprocess(sorted((tmp_path / "task" / "support").rglob("*.png")))
     assert images.shape == (WAY * SHOT, 1, 28, 28) and torch.equal(images, episode.support_x)
+
+
+def test_adapting_works_inside_no_grad_and_inference_mode_and_refuses_raw_pixels(trained, tmp_path):
+    run, tasks = trained
+    learner = maml_cli.load(run)
+    episode, _ = write_task(tmp_path / "task", tasks, [0, 1, 2])
+    expected = learner.adapt(episode.support_x, episode.support_y).scores(episode.query_x)
+    with torch.no_grad():
+        assert torch.equal(learner.adapt(episode.support_x, episode.support_y).scores(episode.query_x), expected)
+    with torch.inference_mode():
+        support_x, query_x = episode.support_x.clone(), episode.query_x.clone()  # tensors made under inference mode
+        assert torch.equal(learner.adapt(support_x, episode.support_y).scores(query_x), expected)
+    with pytest.raises(UserError, match="Divide 8-bit pixels by 255"):
+        learner.adapt((episode.support_x * 255).to(torch.uint8), episode.support_y)
+
+
+def test_an_episodes_folder_with_an_empty_class_or_a_csv_output_is_refused_before_any_work(trained, tmp_path, capsys):
+    run, tasks = trained
+    write_task(tmp_path / "ok", tasks, [0, 1, 2])
+    for args, message in (([f"episodes={tmp_path / 'ok'}", f"output={tmp_path / 'x.csv'}"], "give a .json name"),
+                          ([f"episodes={tmp_path / 'ok'}", f"output={tmp_path / 'missing' / 'x.json'}"], "does not exist")):
+        with pytest.raises(SystemExit):
+            evaluate.main([f"checkpoint={run}", *args])
+        assert message in capsys.readouterr().err
+    (tmp_path / "ok" / "support" / "class_9").mkdir()
+    with pytest.raises(SystemExit):
+        evaluate.main([f"checkpoint={run}", f"episodes={tmp_path / 'ok'}"])
+    assert "class folders without images (class_9)" in capsys.readouterr().err
+
+
+def test_a_regression_learner_adapts_to_points_and_predicts_values(tmp_path):
+    from test_e2e import SINE
+    run_in_process("maml-train", SINE, cwd=tmp_path)
+    learner = maml_cli.load(only_run(tmp_path))
+    x = torch.linspace(-5, 5, 20)[:, None]
+    y = 2 * torch.sin(x + 1)
+    adapted = learner.adapt(x[::2], y[::2])
+    predicted = adapted.predict(x[1::2])
+    assert predicted.shape == (10, 1)
+    # The same task through the evaluation loop's path: the same mean squared error.
+    by_step = learner.algorithm.evaluate(functional_forward(learner.model), dict(learner.model.named_parameters()),
+                                         EpisodeBatch.stack([Episode(x[::2], y[::2], x[1::2], y[1::2])]), learner.inputs.kind.objective)
+    assert float((predicted - y[1::2]).pow(2).mean()) == pytest.approx(float(by_step[-1]["mse"][0]), rel=1e-6)
+    with pytest.raises(UserError, match="10 support examples but 3 target values"):
+        learner.adapt(x[::2], y[:3])
+    with pytest.raises(UserError, match="trained on vectors"):
+        learner.preprocess(["a.png"])

@@ -56,6 +56,19 @@ def test_a_sweep_over_an_inner_loop_key_is_refused_for_the_swept_algorithms_with
                                [f"algo={','.join(with_loop)}", "inner_steps=1,3"])
 
 
+def test_a_sweep_over_presets_is_judged_by_the_presets_algorithms_before_its_first_member():
+    # experiment=maml_...,protonet_...: the members are MAML and ProtoNet, so a swept inner-loop key is refused in
+    # the first (MAML) member, before anything trains; a single value is meant for the MAML member and accepted.
+    sweep = ["experiment=maml_omniglot_5w1s,protonet_omniglot_5w1s", "inner_steps=1,3"]
+    first = compose_config(["experiment=maml_omniglot_5w1s", "inner_steps=1"])
+    with pytest.raises(UserError, match="does not apply to algo=protonet"):
+        check_inner_loop_overrides(first, ["experiment=maml_omniglot_5w1s", "inner_steps=1"], sweep)
+    check_inner_loop_overrides(first, ["experiment=maml_omniglot_5w1s", "test_inner_steps=5"],
+                               ["experiment=maml_omniglot_5w1s,protonet_omniglot_5w1s", "test_inner_steps=5"])
+    check_inner_loop_overrides(first, ["experiment=maml_omniglot_5w1s", "inner_steps=1"],
+                               ["experiment=maml_omniglot_5w1s,anil_omniglot_5w1s", "inner_steps=1,3"])
+
+
 @pytest.mark.parametrize("name", sorted(n for n, e in REGISTERED.items() if e.inner_loop))
 def test_each_inner_loop_algorithm_runs_on_sinusoid_regression(name):
     # The MLP's last layer is its head (ANIL), it has no normalisation layers (MAML++'s per-step batch norm is then empty).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from maml_cli.algorithms.base import Algorithm
 from maml_cli.algorithms.registry import field_bounds, registered_algorithms, registered_by_target
-from maml_cli.config import Config
+from maml_cli.config import Config, config_dir
 from maml_cli.data.base import ImageShaped, ImageTaskFamily, TaskFamily, VectorShaped, VectorTaskFamily
 from maml_cli.errors import UserError
 from maml_cli.tasks import EpisodeSampler
@@ -259,8 +260,13 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parsed = {o.key_or_group.lstrip("+~"): o for o in OverridesParser.create().parse_overrides(sweep)}
-        algo_swept = "algo" in parsed and parsed["algo"].is_sweep_override()
-        choices = [str(c) for c in parsed["algo"].sweep_string_iterator()] if algo_swept else []
+        typed_algos = [str(c) for c in parsed["algo"].sweep_string_iterator()] if "algo" in parsed else [algorithm_name(cfg)]
+        choices = typed_algos if "algo" in parsed and parsed["algo"].is_sweep_override() else []
+        if "experiment" in parsed and parsed["experiment"].is_sweep_override():
+            # Each swept preset brings its own algorithm (or keeps the typed one): the members' algorithms.
+            presets = [experiment_algorithm(str(name)) for name in parsed["experiment"].sweep_string_iterator()]
+            choices = list(dict.fromkeys([*choices, *(a for p in presets for a in ([p] if p else typed_algos))]))
+        algo_swept = len(choices) > 0
 
         def meant_for_another_member(key: str) -> bool:
             return (key in parsed and not parsed[key].is_sweep_override()
@@ -281,6 +287,17 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
         raise UserError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to algo={algorithm_name(cfg)}, "
                         f"which has no inner loop; remove {' and '.join(f'{k}=...' for k in unused)} from the command "
                         f"(a sweep over {'it' if len(unused) == 1 else 'them'} would train the same model again).")
+
+
+def experiment_algorithm(name: str) -> str | None:
+    """The ``algo`` that preset ``experiment=<name>`` chooses (its ``override /algo: <algo>`` default); None when it
+    chooses none, or there is no such preset (Hydra reports that itself)."""
+    path = Path(config_dir()) / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    defaults = OmegaConf.load(path).get("defaults") or []
+    return next((str(entry[key]) for entry in defaults if isinstance(entry, DictConfig)
+                 for key in entry if str(key).strip() in ("override /algo", "/algo")), None)
 
 
 def has_inner_loop(cfg: DictConfig) -> bool:

@@ -6,6 +6,7 @@ the key's name, before any data is loaded.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from dataclasses import dataclass, field
@@ -92,6 +93,22 @@ def default_data_root() -> str:
     return str(Path(cache) / "maml-cli")
 
 
+# When the run started, for the names of run and sweep folders; set by maml-train to rank 0's clock when several
+# ranks start together, so that every rank names the same folder.
+_started: list[datetime.datetime] = []
+
+
+def set_start_time(when: datetime.datetime) -> None:
+    _started[:] = [when]
+
+
+def start_time(pattern: str) -> str:
+    """The run's start time in ``pattern`` (``%Y-%m-%d_%H-%M-%S``): Hydra's ``now``, shared by the ranks of one run."""
+    if not _started:
+        _started.append(datetime.datetime.now())
+    return _started[0].strftime(pattern)
+
+
 def run_name_suffix(overrides: str) -> str:
     """``"experiment=x,way=20"`` -> ``"_experiment-x_way-20"``: says what differs, and stays a plain
     path that can be passed back as ``resume=<dir>`` without quoting."""
@@ -132,6 +149,9 @@ def register() -> None:
         OmegaConf.register_new_resolver("maml_cli.run_dir", lambda resume, fresh: resume if resume else fresh)
     if not OmegaConf.has_resolver("maml_cli.slug"):
         OmegaConf.register_new_resolver("maml_cli.slug", run_name_suffix)
+    if not OmegaConf.has_resolver("maml_cli.now"):
+        # Cached in the config, as Hydra's own now: a launcher's worker processes read the sweep's time from the config.
+        OmegaConf.register_new_resolver("maml_cli.now", start_time, use_cache=True)
     if not OmegaConf.has_resolver("maml_cli.sweep_subdir"):
         OmegaConf.register_new_resolver("maml_cli.sweep_subdir", sweep_subdir)
     store = ConfigStore.instance()

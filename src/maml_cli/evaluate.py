@@ -175,8 +175,14 @@ class Prediction:
 def score_task(learner: Learner, task: TaskFiles, root: Path) -> tuple[list[float], list[Prediction]]:
     """One task of an episodes folder: its query accuracy after each inner step (empty when its queries are unlabelled)
     and a prediction per query image, after the last step."""
-    classes, predictors = learner.adaptations([image for image, _ in task.support], [label for _, label in task.support])
-    query_x = learner.preprocess([image for image, _ in task.query])
+    try:
+        classes, predictors = learner.adaptations([image for image, _ in task.support], [label for _, label in task.support])
+        query_x = learner.preprocess([image for image, _ in task.query])
+    except UserError as err:
+        raise UserError(f"task {root / task.name}: {err}") from err
+    if len(query_x) == 1 and learner.queries_normalised_together:
+        log.warning("task %s has a single query: with batch statistics it is normalised on its own, unlike the queries of "
+                    "training episodes, and its score may differ from what it gets among other queries", task.name)
     labels = [label for _, label in task.query]
     truth = torch.tensor([classes.index(label) for label in labels]) if task.labelled else None
     accuracies, outputs = [], None
@@ -252,10 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        if args.output and Path(args.output).exists():
-            raise output_exists(Path(args.output))
-        if args.output and args.episodes and Path(args.output).with_suffix(".csv").exists():
-            raise output_exists(Path(args.output).with_suffix(".csv"))
+        if args.output:
+            check_output(Path(args.output), bool(args.episodes))
         predictions = None
         if args.episodes:
             report, predictions = run_episodes(args)
@@ -272,6 +276,22 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     for path in written:
         print(f"written: {path}")
+
+
+def check_output(output: Path, with_predictions: bool) -> None:
+    """Refuse, before any work, an ``output=`` that cannot be written or would replace another evaluation's results.
+
+    Raises:
+        UserError: its folder is missing, it (or, for ``episodes=``, the CSV beside it) exists, or it does not end in
+            ``.json`` where a CSV of the same name goes beside it.
+    """
+    if not output.parent.is_dir():
+        raise UserError(f"output={output}: the folder {output.parent} does not exist.")
+    if with_predictions and output.suffix != ".json":
+        raise UserError(f"output={output}: with episodes= give a .json name; the predictions go beside it, in the same name with .csv.")
+    for path in (output, output.with_suffix(".csv")) if with_predictions else (output,):
+        if path.exists():
+            raise output_exists(path)
 
 
 def output_exists(output: Path) -> UserError:

@@ -110,6 +110,9 @@ class Learner:
         self.model.requires_grad_(False)  # the meta-parameters are not learned here; inner loops differentiate their own copies
         self.way: Optional[int] = int(config.way) if self.algorithm.network in ("classifier", "recurrent") else None
         self.inner_steps = int(config.test_inner_steps) if has_inner_loop(config) else 0
+        # A classifier with batch statistics normalises the queries of a call together (ProtoNet normalises them
+        # with the support set, the LSTM's embedding each image on its own).
+        self.queries_normalised_together = self.algorithm.network == "classifier" and bool(self.model.mixes_examples)
 
     @property
     def name(self) -> str:
@@ -139,11 +142,15 @@ class Learner:
         """
         if not isinstance(examples, Tensor):
             return self.preprocess(examples)
+        if not examples.is_floating_point():
+            raise UserError(f"the network takes floating-point inputs (preprocess's output: pixels scaled to [0, 1]); got a tensor of "
+                            f"{examples.dtype}. Divide 8-bit pixels by 255, or pass the image files.")
         expected = ((self.inputs.in_channels, self.inputs.image_size, self.inputs.image_size) if isinstance(self.inputs, ImageInputs)
                     else (self.inputs.in_features,))
         if examples.dim() != len(expected) + 1 or tuple(examples.shape[1:]) != expected:
             raise UserError(f"the network takes a batch of shape (n, {', '.join(map(str, expected))}); got {tuple(examples.shape)}.")
-        return examples.to(self.device, torch.get_default_dtype())
+        with torch.inference_mode(False):  # a copy that autograd may use, even from a tensor made under inference mode
+            return examples.to(self.device, torch.get_default_dtype()).clone()
 
     def with_inner_steps(self, steps: int) -> "Learner":
         """The same learner adapting with ``steps`` inner steps (it shares the network)."""
@@ -168,10 +175,15 @@ class Learner:
         """
         support_x = self.as_inputs(support)
         if self.inputs.kind.name == "regression":
-            targets = torch.as_tensor(labels, dtype=support_x.dtype, device=self.device).reshape(len(support_x), 1)
+            targets = torch.as_tensor(labels, dtype=support_x.dtype, device=self.device)
+            if targets.numel() != len(support_x):
+                raise UserError(f"{len(support_x)} support examples but {targets.numel()} target values; give one target per example.")
+            targets = targets.reshape(len(support_x), 1)
             classes: list[Hashable] = []
             support_y = targets
         else:
+            if isinstance(labels, Tensor) and labels.dim() != 1:
+                raise UserError(f"class labels are one per example, a 1-D tensor or a list; got a tensor of shape {tuple(labels.shape)}.")
             values = labels.tolist() if isinstance(labels, Tensor) else list(labels)
             if len(values) != len(support_x):
                 raise UserError(f"{len(support_x)} support examples but {len(values)} labels; give one label per example.")
@@ -202,8 +214,9 @@ class Learner:
             UserError: labels and examples do not match, or the task has another number of classes than the network's outputs.
         """
         learner = self if inner_steps is None else self.with_inner_steps(inner_steps)
-        classes, predictors = learner.adaptations(support, labels)
-        *_, predict = predictors
+        with torch.inference_mode(False), torch.enable_grad():  # inner steps differentiate, whatever the caller's mode
+            classes, predictors = learner.adaptations(support, labels)
+            *_, predict = predictors
         return AdaptedLearner(learner, classes, predict)
 
 
@@ -213,8 +226,8 @@ class AdaptedLearner:
 
     With batch statistics (conv4's and ResNet-12's default, as in Finn et al.), the queries given together are
     normalised together, as the queries of an episode were in training and evaluation; give a task's queries in
-    one call. (One image alone is normalised on its own: with 28x28 Omniglot images conv4's last layer then has
-    nothing to normalise over, and the prediction carries no information.)
+    one call. (A query alone is normalised on its own, and its scores differ from those it gets among the task's
+    other queries. ProtoNet normalises the queries with the support set, and the LSTM each image on its own.)
 
     Attributes:
         classes: the task's classes, in the order of the score columns (empty for regression).
@@ -224,28 +237,32 @@ class AdaptedLearner:
     classes: list[Hashable]
     predictor: Predictor
 
-    def outputs(self, query: Examples) -> Tensor:
-        """The network's outputs for the queries on the CPU: scores ``(n, classes)``, or regression values ``(n, 1)``."""
-        query_x = self.learner.as_inputs(query)
-        if len(query_x) == 1 and self.learner.model.mixes_examples:
-            warnings.warn("a single query through a network with batch statistics is normalised on its own, unlike the queries "
-                          "of training episodes; give a task's queries together (see AdaptedLearner).", stacklevel=3)
-        return self.predictor(query_x).cpu()
-
     def scores(self, query: Examples) -> Tensor:
         """Class scores (logits) ``(n, classes)``, columns in :attr:`classes` order."""
         self._classification("scores")
-        return self.outputs(query)
+        return self._outputs(query)
 
     def probabilities(self, query: Examples) -> Tensor:
         """Class probabilities ``(n, classes)`` (the softmax of :meth:`scores`)."""
-        return self.scores(query).softmax(dim=-1)
+        self._classification("probabilities")
+        return self._outputs(query).softmax(dim=-1)
 
     def predict(self, query: Examples) -> Union[list[Hashable], Tensor]:
         """The predicted class of each query (a label from :attr:`classes`); for regression, the values ``(n, 1)``."""
+        outputs = self._outputs(query)
         if not self.classes:
-            return self.outputs(query)
-        return [self.classes[i] for i in self.scores(query).argmax(dim=-1).tolist()]
+            return outputs
+        return [self.classes[i] for i in outputs.argmax(dim=-1).tolist()]
+
+    def _outputs(self, query: Examples) -> Tensor:
+        """The network's outputs for the queries, on the CPU: scores ``(n, classes)``, or regression values ``(n, 1)``."""
+        query_x = self.learner.as_inputs(query)
+        if len(query_x) == 1 and self.learner.queries_normalised_together:
+            warnings.warn("a single query through a network with batch statistics is normalised on its own, unlike the queries "
+                          "of training episodes, and its scores differ; give a task's queries together (see AdaptedLearner).",
+                          stacklevel=3)
+        with torch.inference_mode(False):
+            return self.predictor(query_x).cpu()
 
     def _classification(self, what: str) -> None:
         if not self.classes:

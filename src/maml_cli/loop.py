@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from maml_cli.algorithms.base import Algorithm, Forward, Metrics, Params
 from maml_cli.checkpoint import load_checkpoint, save_checkpoint
+from maml_cli.distributed import SINGLE, Ranks
 from maml_cli.errors import UserError
 from maml_cli.tasks import Episode, EpisodeBatch, EpisodeSampler, Objective, TaskKind
 
@@ -68,7 +69,8 @@ def batches_of(episodes: list[Episode], per_call: int | None) -> list[EpisodeBat
 
 
 def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, kind: TaskKind, n_tasks: int, seed: int,
-             device: torch.device, progress: bool = False, description: str = "evaluate") -> list[dict[str, tuple[float, float]]]:
+             device: torch.device, progress: bool = False, description: str = "evaluate",
+             ranks: Ranks = SINGLE) -> list[dict[str, tuple[float, float]]]:
     """Score the meta-parameters on ``n_tasks`` episodes drawn from a generator seeded with ``seed``.
 
     The episodes depend only on ``seed`` and the sampler, so every run and every
@@ -77,6 +79,8 @@ def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, ki
 
     Args:
         progress: show a progress bar over the episodes.
+        ranks: with several ranks, each draws every episode (the draws stay the same) and computes the stacks
+            it owns; the scores are gathered in episode order, so the result is the single process's.
 
     Returns:
         One dict per adaptation step reported by the algorithm (0, 1, ...,
@@ -88,16 +92,25 @@ def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, ki
     forward = functional_forward(model)
     params = dict(model.named_parameters())
     per_call = algorithm.episodes_per_call or EVAL_EPISODES_PER_CALL
-    per_step: list[dict[str, list[float]]] = []
+    # Each stack's scores: one dict per adaptation step of metric name -> per-episode values.
+    scored: dict[int, list[dict[str, list[float]]]] = {}
     with tqdm(total=n_tasks, disable=not progress, dynamic_ncols=True, desc=description, unit="task") as bar:
-        for start in range(0, n_tasks, per_call):
-            episodes = [sampler.sample(generator).to(device) for _ in range(min(per_call, n_tasks - start))]
-            for step, metrics in enumerate(algorithm.evaluate(forward, params, EpisodeBatch.stack(episodes), kind.objective)):
-                if step == len(per_step):
-                    per_step.append(defaultdict(list))
-                for name, values in metrics.items():
-                    per_step[step][name].extend(values.tolist())
+        for index, start in enumerate(range(0, n_tasks, per_call)):
+            episodes = [sampler.sample(generator) for _ in range(min(per_call, n_tasks - start))]
+            if ranks.owns(index):
+                batch = EpisodeBatch.stack([episode.to(device) for episode in episodes])
+                scored[index] = [{name: values.tolist() for name, values in metrics.items()}
+                                 for metrics in algorithm.evaluate(forward, params, batch, kind.objective)]
             bar.update(len(episodes))
+    if ranks.several:
+        scored = {index: stack for part in ranks.gather(scored) for index, stack in part.items()}
+    per_step: list[dict[str, list[float]]] = []
+    for index in sorted(scored):
+        for step, metrics in enumerate(scored[index]):
+            if step == len(per_step):
+                per_step.append(defaultdict(list))
+            for name, values in metrics.items():
+                per_step[step][name].extend(values)
     return [{name: mean_ci95(values) for name, values in step.items()} for step in per_step]
 
 
@@ -162,7 +175,7 @@ class TaskThreads:
 
 
 def accumulate_meta_gradient(algorithm: Algorithm, model: nn.Module, episodes: list[Episode], objective: Objective,
-                             threads: TaskThreads | None = None) -> dict[str, float]:
+                             threads: TaskThreads | None = None, mean_over: int | None = None) -> dict[str, float]:
     """Add the meta-gradient of the mean meta-loss over ``episodes`` to the ``.grad`` of ``model``'s parameters.
 
     This is all of a meta-training step but the optimizer's: the trainer and
@@ -173,11 +186,14 @@ def accumulate_meta_gradient(algorithm: Algorithm, model: nn.Module, episodes: l
 
     Args:
         threads: run several stacks at once (see :class:`TaskThreads`); ``None``: one after another.
+        mean_over: the number of tasks the mean is over (a rank's ``episodes`` are its share of a meta-batch of
+            this many); ``None``: ``len(episodes)``.
 
     Returns:
-        Each metric of ``algorithm.meta_loss`` averaged over the episodes.
+        Each metric of ``algorithm.meta_loss`` summed over the episodes and divided by ``mean_over``.
     """
     params = dict(model.named_parameters())
+    count = mean_over or len(episodes)
     batches = batches_of(episodes, algorithm.episodes_per_call)
     totals: dict[str, Tensor] = {}
 
@@ -193,22 +209,22 @@ def accumulate_meta_gradient(algorithm: Algorithm, model: nn.Module, episodes: l
                 direction, metrics = algorithm.meta_gradient(forward, params, batch, objective)
                 for name, p in params.items():
                     if name in direction:
-                        g = direction[name] / len(episodes)
+                        g = direction[name] / count
                         p.grad = g if p.grad is None else p.grad + g
             else:
                 losses, metrics = algorithm.meta_loss(forward, params, batch, objective)
                 # Backward per call frees its graph at once: memory stays that of one call's episodes.
-                (losses.sum() / len(episodes)).backward()
+                (losses.sum() / count).backward()
             add_metrics(metrics)
     else:
         summed: list[Tensor | None] = [None] * len(params)
-        for grads, metrics in threads.map(algorithm, params, batches, objective, 1 / len(episodes)):
+        for grads, metrics in threads.map(algorithm, params, batches, objective, 1 / count):
             summed = [s if g is None else g if s is None else s + g for s, g in zip(summed, grads)]
             add_metrics(metrics)
         for p, g in zip(params.values(), summed):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
-    return {name: float(total) / len(episodes) for name, total in totals.items()}
+    return {name: float(total) / count for name, total in totals.items()}
 
 
 # Metrics of the k-th instance of a class (``accuracy_instance_03``), reported as a series over k.
@@ -300,9 +316,11 @@ class MetaTrainer:
     threads: TaskThreads | None = None
     progress: bool = True
     resume_hint: str = ""
+    ranks: Ranks = SINGLE  # with several, this rank computes its share of each meta-batch; rank 0 alone writes files
     state: TrainState = field(default_factory=TrainState)
     # What the final meta-test scores: the weights at the end (last.pt), or best.pt after early stopping.
     tested_checkpoint: str = "last.pt"
+    last_validation: float | None = None  # the latest meta-validation score (what a sweeper optimises)
 
     # -- checkpoints -------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -333,7 +351,8 @@ class MetaTrainer:
 
     def save(self, name: str) -> Path:
         path = self.run_dir / name
-        save_checkpoint(self.checkpoint_state(), path)
+        if self.ranks.main:  # every rank holds the same state
+            save_checkpoint(self.checkpoint_state(), path)
         return path
 
     # -- one meta-training step -------------------------------------------
@@ -341,10 +360,14 @@ class MetaTrainer:
         """One meta-update over ``meta_batch_size`` tasks; returns mean metrics and seconds spent sampling."""
         self.optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        episodes = [self.train_sampler.sample(self.generator).to(self.device) for _ in range(self.meta_batch_size)]
+        # Every rank draws the whole meta-batch, so the generator stays the same on all of them, and computes its share.
+        episodes = [self.train_sampler.sample(self.generator) for _ in range(self.meta_batch_size)]
+        episodes = [episode.to(self.device) for episode in self.ranks.share(episodes)]
         data_seconds = time.perf_counter() - start
         algorithm = self.algorithm.at_iteration(self.state.iteration, self.iterations)
-        means = accumulate_meta_gradient(algorithm, self.model, episodes, self.kind.objective, self.threads)
+        means = accumulate_meta_gradient(algorithm, self.model, episodes, self.kind.objective, self.threads, self.meta_batch_size)
+        self.ranks.sum_gradients(self.model)
+        means = self.ranks.sum_metrics(means, self.device)
         if not math.isfinite(means["loss"]):
             raise NonFiniteLoss(
                 f"the meta-training loss became {means['loss']} at iteration {self.state.iteration + 1}; stopped instead of training on garbage. "
@@ -364,13 +387,15 @@ class MetaTrainer:
     # -- validation and test ----------------------------------------------
     def validate(self) -> tuple[float, float]:
         """Score the model on the meta-validation episodes, log it, keep ``best.pt``; returns the metric and its 95% CI."""
-        results = evaluate(self.algorithm, self.model, self.val_sampler, self.kind, self.val_tasks, self.eval_seed, self.device)
+        results = evaluate(self.algorithm, self.model, self.val_sampler, self.kind, self.val_tasks, self.eval_seed, self.device,
+                           ranks=self.ranks)
         step = self.state.iteration
         for name, (value, ci) in results[-1].items():
             self.writer.add_scalar(f"val/{name}", value, step)
             if name == self.kind.metric:
                 self.writer.add_scalar(f"val/{name}_ci95", ci, step)
         value = results[-1][self.kind.metric][0]
+        self.last_validation = value
         better = self.state.best_metric is None or (value > self.state.best_metric if self.kind.higher_is_better else value < self.state.best_metric)
         if better:
             self.state.best_metric, self.state.best_iteration = value, step
@@ -380,7 +405,7 @@ class MetaTrainer:
 
     def test(self) -> list[dict[str, tuple[float, float]]]:
         results = evaluate(self.algorithm, self.model, self.test_sampler, self.kind, self.test_tasks, self.eval_seed, self.device,
-                           progress=self.progress, description="meta-test")
+                           progress=self.progress, description="meta-test", ranks=self.ranks)
         metric = self.kind.metric
         for inner_step, step_results in enumerate(results):
             value, ci = step_results[metric]
@@ -451,12 +476,13 @@ class MetaTrainer:
                     "tasks/s": f"{self.meta_batch_size / step_seconds:.1f}",
                     "data": f"{100 * data_seconds / step_seconds:.0f}%",
                 }, refresh=False)
-                if stop:
+                if self.ranks.any(bool(stop), self.device):  # all ranks stop after the same iteration
                     self.save("last.pt")
                     self.writer.flush()
                     bar.close()
-                    log.warning("stopped by %s after iteration %d; saved %s. Resume with: %s",
-                                stop.signal_name, it, self.run_dir / "last.pt", self.resume_hint)
+                    if self.ranks.main:
+                        log.warning("stopped by %s after iteration %d; saved %s. Resume with: %s",
+                                    stop.signal_name or "a signal to another rank", it, self.run_dir / "last.pt", self.resume_hint)
                     return False
         bar.close()
         return True

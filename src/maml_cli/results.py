@@ -508,13 +508,14 @@ def labels(runs: list[Run], most: int = 3, width: int = 40) -> list[str]:
     keys = differing_keys([r.config for r in runs if r.config])
     last = [k.removesuffix("._target_").rsplit(".", 1)[-1] for k in keys]
     short = {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
-    spread = [attr for attr in ("algo", "dataset", "split") if len({getattr(r, attr) for r in runs}) > 1]
+    shown = [{"algo": r.algo, "dataset": r.dataset, "split": r.split} for r in runs]
+    spread = [attr for attr in ("algo", "dataset", "split") if len({s[attr] for s in shown}) > 1]
     if not 0 < len(spread) + len(keys) <= most:
         last_parts = [run.path.name for run in runs]
         names = last_parts if len(set(last_parts)) == len(runs) else [run.name for run in runs]
         return [textwrap.fill(name if len(name) <= 2 * width else name[:2 * width - 3] + "...", width) for name in names]
-    out = [", ".join([*(f"{attr}={getattr(run, attr)}" for attr in spread),
-                      *(f"{short[k]}={show_value(run.config[k], k)}" for k in keys if k in run.config)]) for run in runs]
+    out = [", ".join([*(f"{attr}={values[attr]}" for attr in spread),
+                      *(f"{short[k]}={show_value(run.config[k], k)}" for k in keys if k in run.config)]) for run, values in zip(runs, shown)]
     if len(set(out)) < len(out):
         out = [f"{text} ({run.name})" for text, run in zip(out, runs)]
     return [textwrap.fill(text, width) for text in out]

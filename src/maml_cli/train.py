@@ -11,11 +11,13 @@ Examples::
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import shlex
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -29,12 +31,14 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from maml_cli import config as config_module
+from maml_cli import distributed
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
                             check_inner_loop_overrides, check_one_schedule, flatten, hparams, resolve_device, resume_config, settle_model_choices,
                             typed_keys, unflatten, validate)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.loop import MetaTrainer, TaskThreads, by_presentation
+from maml_cli.run_lock import run_lock
 from maml_cli.suggest import explain_config_error
 from maml_cli.tasks import TASK_KINDS
 from maml_cli.threads import choose_threads
@@ -132,11 +136,24 @@ def console_quiet(logger: str | None) -> Iterator[None]:
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str] | None = None) -> float:
     """Meta-train as ``cfg`` says, writing everything under ``run_dir``.
 
+    Under ``torchrun`` every rank runs this with the same ``cfg`` and ``run_dir`` (:mod:`maml_cli.distributed`);
+    rank 0 alone writes there.
+
     Returns:
-        The final meta-test metric (accuracy, or MSE for regression), for sweepers.
+        The final meta-validation metric (accuracy, or MSE for regression), for sweepers (the meta-test's
+        when the run had no validation).
     """
+    ranks = distributed.current()
+    if not ranks.main:  # one voice on the console: the other ranks say only what goes wrong
+        logging.getLogger("maml_cli").setLevel(logging.WARNING)
     validate(cfg)
+    distributed.check_meta_batch(cfg.meta_batch_size, ranks)
     check_inner_loop_overrides(cfg, overrides, sweep)
+    with run_lock(run_dir) if ranks.main else contextlib.nullcontext():
+        return _train(cfg, run_dir, overrides, ranks)
+
+
+def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distributed.Ranks) -> float:
     resume_state = None
     if not cfg.resume and (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); to continue it pass {resume_override(run_dir)}, or start the new run a second later.")
@@ -146,7 +163,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     threads, why = choose_threads(str(cfg.threads))
     torch.set_num_threads(threads)
     log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)
-    device = resolve_device(cfg.device)
+    device = distributed.device_of(resolve_device(cfg.device), ranks)
     torch.manual_seed(cfg.seed)
     algorithm = build_algorithm(cfg)
     check_one_schedule(cfg, algorithm)
@@ -161,27 +178,28 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
 
     start = resume_state["iteration"] if resume_state else 0
     # purge_step drops events a killed run logged after its last checkpoint, so curves continue without duplicates.
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start + 1 if resume_state else None)
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start + 1 if resume_state else None) if ranks.main else Unwritten()
     trainer = MetaTrainer(
         algorithm=algorithm, model=model, kind=tasks.kind, optimizer=optimizer,
         train_sampler=samplers["train"], val_sampler=samplers["val"], test_sampler=samplers["test"],
         generator=torch.Generator().manual_seed(cfg.seed), writer=writer, run_dir=run_dir, device=device,
         iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size, log_every=cfg.log_every,
         val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
-        checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress,
+        checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress and ranks.main,
         scheduler=scheduler, grad_clip=algorithm.grad_clip, patience=cfg.patience,
         threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device),
-        resume_hint=f"maml-train {resume_override(run_dir)}",
+        resume_hint=f"maml-train {resume_override(run_dir)}", ranks=ranks,
     )
     metric = tasks.kind.metric
     # On resume too: the config in use (the run's own, with the locations or iterations typed on the resume command).
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if ranks.main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     if resume_state:
         for stale in run_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by kill -9
             stale.unlink(missing_ok=True)
         trainer.restore(resume_state)
         log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
-    else:
+    elif ranks.main:
         # TensorBoard takes the HParams table's metric columns from the first run it reads: every run declares the
         # metrics of every task kind, so classification and regression runs side by side each show theirs.
         declared = {name: 0 for kind in TASK_KINDS for name in (f"test/{kind.metric}", f"test/{kind.metric}_ci95", f"val/best_{kind.metric}")}
@@ -215,7 +233,20 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
                  run_dir / "best.pt")
     log.info("run directory: %s", run_dir)
     log.info("curves: tensorboard --logdir %s", shlex.quote(str(outputs_folder(run_dir))))
-    return results[-1][metric][0]
+    return trainer.last_validation if trainer.last_validation is not None else results[-1][metric][0]
+
+
+class Unwritten:
+    """The TensorBoard writer of a rank other than 0: rank 0 writes the run's events."""
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def outputs_folder(run_dir: Path) -> Path:
@@ -239,8 +270,8 @@ def sweep_overrides(hydra_cfg: DictConfig) -> list[str] | None:
 
 
 def remove_if_nothing_trained(run_dir: Path, resumed: bool) -> None:
-    """Leave no directory that could pass for a run: one with no checkpoint that this start created."""
-    if any(run_dir.glob("*.pt")):
+    """Leave no directory that could pass for a run: one with no checkpoint that this start created (rank 0's to judge)."""
+    if not distributed.current().main or any(run_dir.glob("*.pt")):
         return
     if not resumed or not (run_dir / "config.yaml").exists():  # a mistyped resume=<dir> gets a fresh folder from Hydra
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -275,6 +306,9 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """Console script ``maml-train``."""
+    # conf/hydra/launcher/{joblib,submitit_slurm}.yaml give the plugins' launchers this project's defaults under the
+    # plugins' own names, which Hydra checks against the plugins' schemas and calls deprecated (it still does in 1.3).
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/(joblib|submitit_slurm)' is validated against ConfigStore schema")
     # Hydra prints a composition error (a misspelt key, an unknown choice, a wrong type) in its own words,
     # suggesting +key=value for a misspelling; with HYDRA_FULL_ERROR=1 it raises instead, so the error can
     # be explained here in one paragraph. The user's own HYDRA_FULL_ERROR=1 still shows tracebacks.
@@ -283,7 +317,13 @@ def main() -> None:
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        join_ranks()
         _hydra_main()
+    except UserError as err:  # before Hydra: joining the ranks torchrun started (or a run's error re-raised for tracebacks)
+        if _user_wants_tracebacks:
+            raise
+        print(f"maml-train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except HydraException as err:
         if _user_wants_tracebacks:
             raise
@@ -291,10 +331,26 @@ def main() -> None:
         print(f"maml-train: error: {explanation}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
+        distributed.stop()
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def join_ranks() -> None:
+    """Set the run's start time, which names its folder; under ``torchrun``, join the other ranks first, take rank 0's
+    start time, and leave ``.hydra/`` and ``train.log`` to rank 0 (the ranks share one run folder)."""
+    ranks = distributed.start()
+    config_module.set_start_time(distributed.broadcast_from_main(datetime.datetime.now()))
+    if not ranks.several:
+        return
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        raise UserError("a multirun is not started under torchrun: torchrun runs one meta-training over several ranks. Sweep with "
+                        "maml-train -m (hydra/launcher=joblib or submitit_slurm) and give each member its ranks there, or run "
+                        "one torchrun per setting.")
+    if not ranks.main:
+        sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
 
 
 if __name__ == "__main__":

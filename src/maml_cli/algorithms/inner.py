@@ -156,7 +156,9 @@ def adaptation_path(forward: Forward, params: Params, support_x: Tensor, support
     state = rule.init({n: p for n, p in current.items() if adapted is None or n in adapted})
     yield current
     for step in range(inner_steps):
-        current, state = inner_step(forward, current, support_x, support_y, objective, rule, step, state, adapted, fixed_at, first_order=True)
+        with torch.enable_grad():  # a caller evaluating under torch.no_grad() still adapts
+            current, state = inner_step(forward, current, support_x, support_y, objective, rule, step, state, adapted, fixed_at,
+                                        first_order=True)
         current = {n: p.detach().requires_grad_() for n, p in current.items()}
         state = {key: {n: t.detach() for n, t in part.items()} for key, part in state.items()}
         yield current

@@ -121,7 +121,8 @@ class Reptile(AlgorithmDefaults):
         yield current
         for step, chosen in enumerate(minibatch_indices(len(x), batch, steps, generator)):
             batch_x, batch_y = (x, y) if chosen is None else (x[chosen.to(x.device)], y[chosen.to(y.device)])
-            current, state = inner_step(forward, current, batch_x, batch_y, objective, rule, step, state, first_order=True)
+            with torch.enable_grad():  # a caller evaluating under torch.no_grad() still adapts
+                current, state = inner_step(forward, current, batch_x, batch_y, objective, rule, step, state, first_order=True)
             current = {n: p.detach().requires_grad_() for n, p in current.items()}
             state = {key: {n: t.detach() for n, t in part.items()} for key, part in state.items()}
             yield current

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
@@ -294,7 +294,7 @@ class StoreTasks:
         return StoreSampler(images, starts, counts, way, shot, query, self.where(split), device)
 
 
-def rgb_inputs(node) -> ImageInputs:
+def rgb_inputs(node: DictConfig) -> ImageInputs:
     """The inputs of a dataset of colour photographs, from its config node: RGB at ``image_size``, not inverted."""
     return ImageInputs(3, node.image_size)
 

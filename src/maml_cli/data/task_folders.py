@@ -61,7 +61,11 @@ def read_task(folder: Path, name: str) -> TaskFiles:
         if not part.is_dir():
             raise DataError(f"task {folder} has no {part.name}/ folder. A task folder holds support/<class>/<images> and "
                             f"query/<class>/<images> or query/<images>.")
-    support = [(image, cls.name) for cls in _visible(support_dir) if cls.is_dir() for image in _images(cls)]
+    support_classes = [cls for cls in _visible(support_dir) if cls.is_dir()]
+    empty = [cls.name for cls in support_classes if not _images(cls)]
+    if empty:
+        raise DataError(f"{support_dir} has class folders without images ({', '.join(empty)}): every support class needs at least one image.")
+    support = [(image, cls.name) for cls in support_classes for image in _images(cls)]
     if not support:
         raise DataError(f"{support_dir} holds no class folders with images: a support set is support/<class>/<images>.")
     classes = {label for _, label in support}
