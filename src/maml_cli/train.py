@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -233,7 +234,12 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
                  run_dir / "best.pt")
     log.info("run directory: %s", run_dir)
     log.info("curves: tensorboard --logdir %s", shlex.quote(str(outputs_folder(run_dir))))
-    return trainer.last_validation if trainer.last_validation is not None else results[-1][metric][0]
+    value = trainer.last_validation if trainer.last_validation is not None else results[-1][metric][0]
+    if not math.isfinite(value):  # a diverged run: the worst value, which a search can rank (Optuna refuses nan)
+        log.warning("the final meta-validation %s is %s; a sweeper is told %s, the worst value", metric, value,
+                    "-inf" if tasks.kind.higher_is_better else "inf")
+        return -math.inf if tasks.kind.higher_is_better else math.inf
+    return value
 
 
 class Unwritten:
