@@ -351,6 +351,14 @@ def test_protonet_on_regression_is_an_error(tmp_path):
     assert result.returncode == 2 and "needs a classification dataset" in result.stderr
 
 
+def test_a_failed_member_does_not_stop_the_other_members_of_a_multirun(tmp_path):
+    # The first member diverges (a non-finite loss is an error); the second still trains, and the sweep then fails.
+    result = run_in_process("maml-train", ["-m", *SINE, "iterations=3", "inner_lr=1000000,0.01"], cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the meta-training loss became inf" in result.stderr and "the multirun member inner_lr=1000000 failed" in result.stderr
+    assert [run.name for run in run_dirs(tmp_path)] == ["inner_lr=0.01"] and (run_dirs(tmp_path)[0] / "last.pt").is_file()
+
+
 def test_multirun_over_the_three_algorithms(tmp_path, small_omniglot):
     # test_inner_steps=2 (in the MAML arguments) is meant for the MAML member of an algorithm sweep, so it is allowed.
     run_in_process("maml-train", ["-m", *omniglot_args(small_omniglot, 2), "algo=maml,protonet,lstm"], cwd=tmp_path)

@@ -283,6 +283,10 @@ def remove_if_nothing_trained(run_dir: Path, resumed: bool) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+class MemberFailed(UserError):
+    """A multirun member's error, after it was printed."""
+
+
 config_module.register()
 # Whether the user set HYDRA_FULL_ERROR=1 (main() sets it for Hydra in any case).
 _user_wants_tracebacks = False
@@ -299,6 +303,10 @@ def _hydra_main(cfg: DictConfig) -> float:
         if _user_wants_tracebacks:
             raise
         print(f"maml-train: error: {err}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # Raised, not exited: the launcher goes on with the other members (a search records a failed trial),
+            # and the sweep reports the failure when it ends.
+            raise MemberFailed(f"the multirun member {run_dir.name} failed (the error above); the other members ran") from None
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         # A second Ctrl-C (or a first one before training starts): quit at once, keeping whatever
