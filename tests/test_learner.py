@@ -1,6 +1,7 @@
 """A trained meta-learner on new tasks: the Python API (maml_cli.load) and maml-eval episodes=<folder>."""
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from maml_cli.build import build_tasks
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.loop import functional_forward
+from maml_cli.results import read_eval_file
 from maml_cli.tasks import Episode, EpisodeBatch
 from test_e2e import omniglot_args, only_run
 
@@ -82,6 +84,10 @@ def test_an_episode_given_as_image_files_scores_exactly_as_the_same_episode_give
     assert written[0].name.startswith("eval_last_episodes-episodes") and written[1].suffix == ".csv"
 
 
+def refuse_non_numbers(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def test_unlabelled_queries_are_predicted_one_csv_row_per_image_and_two_evaluations_keep_both(trained, tmp_path, capsys):
     run, tasks = trained
     episodes = tmp_path / "new_tasks"
@@ -95,8 +101,11 @@ def test_unlabelled_queries_are_predicted_one_csv_row_per_image_and_two_evaluati
     assert len(unlabelled) == WAY * QUERY and all(r["label"] == "" and r["prediction"].startswith("class_") for r in unlabelled)
     assert sorted(r["image"] for r in unlabelled) == sorted(p.relative_to(episodes).as_posix() for p in (episodes / "a" / "query").glob("*.png"))
     assert all(0 < float(r["probability"]) <= 1 for r in rows)
-    report = json.loads(first[0].read_text())
+    report = json.loads(first[0].read_text(), parse_constant=refuse_non_numbers)  # strict JSON, as jq or a browser reads it
     assert (report["tasks"], report["unlabelled_tasks"]) == (1, 1) and Path(report["predictions"]) == first[1]
+    assert all(row["ci95"] is None and 0 <= row["mean"] <= 1 for row in report["by_inner_step"])  # one task has no CI
+    test, metric = read_eval_file(first[0])
+    assert metric == "accuracy" and math.isnan(test.final.spread) and test.final.mean == report["by_inner_step"][-1]["mean"]
     evaluate.main([f"checkpoint={run}", f"episodes={episodes}"])  # the same again: new files, the first ones kept
     second = [Path(line.split(": ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("written: ")]
     assert second[0] != first[0] and second[1] != first[1] and first[1].read_text().count("\n") == len(rows) + 1

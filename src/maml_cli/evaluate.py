@@ -46,7 +46,7 @@ from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.task_folders import TaskFiles, read_task_folders
 from maml_cli.errors import UserError
 from maml_cli.learner import Learner, checkpoint_of, load
-from maml_cli.loop import by_presentation, evaluate, mean_ci95
+from maml_cli.loop import by_presentation, evaluate, mean_ci95, strict_json
 from maml_cli.suggest import explain_config_error
 from maml_cli.threads import choose_threads, threads_problem
 
@@ -347,7 +347,8 @@ def write_report(report: dict, checkpoint: Path, output: Path | None = None, pre
         UserError: ``output`` (or its CSV) exists already.
     """
     def files(json_path: Path) -> dict[Path, str]:
-        written = {json_path: json.dumps({**report, **({"predictions": str(json_path.with_suffix(".csv"))} if predictions is not None else {})}, indent=2)}
+        document = {**report, **({"predictions": str(json_path.with_suffix(".csv"))} if predictions is not None else {})}
+        written = {json_path: json.dumps(strict_json(document), indent=2, allow_nan=False)}
         if predictions is not None:
             written[json_path.with_suffix(".csv")] = predictions_csv(predictions)
         return written

@@ -57,6 +57,18 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(var / n)
 
 
+def strict_json(value: object) -> object:
+    """``value`` with NaN and infinities (the CI of a single task, a diverged MSE) as ``None``: JSON has no such
+    numbers, and strict readers (``jq``, JavaScript, ``json.loads`` with ``parse_constant``) refuse Python's ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 # Episodes per call when evaluating an algorithm that computes any number at once: 1,000 test episodes
 # become 20 calls, while a chunk's activations stay small.
 EVAL_EPISODES_PER_CALL = 50

@@ -41,7 +41,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.util import tensor_util
 
 from maml_cli.build import INNER_LOOP_KEYS, MACHINE_KEYS, flatten, has_inner_loop
-from maml_cli.loop import duration
+from maml_cli.loop import duration, strict_json
 from maml_cli.tasks import TASK_KINDS
 
 # A value of a flattened config.yaml.
@@ -331,6 +331,11 @@ def number(value: ConfigValue) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def reported(value: float | int | None) -> float:
+    """A number of a ``maml-eval`` file; ``null`` (written for NaN, e.g. the CI of a single task) as NaN."""
+    return math.nan if value is None else float(value)
+
+
 def read_eval_file(path: Path) -> tuple[TestResult, str]:
     """The meta-test of a ``maml-eval`` JSON file, and its metric.
 
@@ -339,8 +344,8 @@ def read_eval_file(path: Path) -> tuple[TestResult, str]:
     """
     try:
         report = json.loads(path.read_text())
-        by_step = [Estimate(float(r["mean"]), float(r["ci95"])) for r in report["by_inner_step"]]
-        by_presentation = [Estimate(float(r["mean"]), float(r["ci95"])) for r in report.get("by_presentation", [])]
+        by_step = [Estimate(reported(r["mean"]), reported(r["ci95"])) for r in report["by_inner_step"]]
+        by_presentation = [Estimate(reported(r["mean"]), reported(r["ci95"])) for r in report.get("by_presentation", [])]
         episodes = TestEpisodes(report.get("tasks"), report.get("way"), report.get("shot"), report.get("query"), path.name)
         return TestResult(by_step[-1], by_step, by_presentation, episodes), str(report["metric"])
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
@@ -789,7 +794,7 @@ def render(rows: list[Row], keys: list[str], fmt: str, eval_pattern: str | None 
     """The table of ``rows`` as ``markdown`` (with a legend line), ``csv``, ``json`` or ``latex``."""
     if fmt in ("csv", "json"):
         records = [row_record(row, keys) for row in rows]
-        return csv_text(records) if fmt == "csv" else json.dumps({"differing_keys": keys, "runs": records}, indent=2)
+        return csv_text(records) if fmt == "csv" else json.dumps(strict_json({"differing_keys": keys, "runs": records}), indent=2, allow_nan=False)
     grouped = any(row.grouped for row in rows)
     by_step = any(len(r.test.by_inner_step) > 1 for row in rows for r in row.runs)
     header = table_header(keys, {r.first.metric for r in rows if r.first.metric}, by_step, grouped)
