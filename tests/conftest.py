@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -122,7 +123,10 @@ def run_in_process(name: str, args: list[str], cwd: Path, check: bool = True) ->
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ.pop("HYDRA_FULL_ERROR", None)
         # A run seeds torch's global generator; fork it so the tests after this one draw what they would have.
-        with torch.random.fork_rng(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        # keep_freed_memory changes this process's allocator for good: the runs here leave pytest's as it is
+        # (tests/test_allocator.py checks the change in a process of its own).
+        with torch.random.fork_rng(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                mock.patch("maml_cli.threads.keep_freed_memory", return_value=True):
             try:
                 main()
             except SystemExit as exit_info:

@@ -302,10 +302,10 @@ def test_top_level_keys_appended_with_plus_are_refused_before_any_work(tmp_path,
 def test_a_resumed_run_computes_as_the_resume_command_says_not_as_the_machine_it_ran_on_before():
     from maml_cli.build import MACHINE_KEYS, resume_config
     # Saved on a 16-core GPU host by `resume=<run> device=cuda threads=7`; resumed on a laptop with only resume= typed.
-    saved = {"device": "cuda", "threads": "7", "tasks_at_once": 4, "progress": False, "inner_lr": 0.4, "data_root": "/gpu/data"}
-    current = {"device": "auto", "threads": "auto", "tasks_at_once": 1, "progress": True, "inner_lr": 0.01, "data_root": "data"}
+    saved = {"device": "cuda", "threads": "7", "keep_freed_memory": False, "tasks_at_once": 4, "progress": False, "inner_lr": 0.4, "data_root": "/gpu/data"}
+    current = {"device": "auto", "threads": "auto", "keep_freed_memory": True, "tasks_at_once": 1, "progress": True, "inner_lr": 0.01, "data_root": "data"}
     effective, differences = resume_config(saved, current, typed={"resume"})
-    assert {k: effective[k] for k in MACHINE_KEYS} == {"device": "auto", "threads": "auto", "tasks_at_once": 1, "progress": True}
+    assert {k: effective[k] for k in MACHINE_KEYS} == {"device": "auto", "threads": "auto", "keep_freed_memory": True, "tasks_at_once": 1, "progress": True}
     assert effective["inner_lr"] == 0.4 and effective["data_root"] == "/gpu/data" and differences == []
     typed, _ = resume_config(saved, {**current, "threads": "1"}, typed={"resume", "threads"})
     assert typed["threads"] == "1"

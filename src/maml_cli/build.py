@@ -35,7 +35,7 @@ RESUME_FREE_KEYS = {
 # How the machine at hand computes and reports: a resumed run takes these from the resume command (its
 # defaults where they are not typed), never from the machine it ran on before (a GPU host's threads=7 on a
 # 2-core laptop would oversubscribe it).
-MACHINE_KEYS = ("device", "threads", "tasks_at_once", "progress")
+MACHINE_KEYS = ("device", "threads", "keep_freed_memory", "tasks_at_once", "progress")
 
 
 def resolve_device(spec: str) -> torch.device:

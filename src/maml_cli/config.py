@@ -70,6 +70,7 @@ class Config:
     iterations: int = MISSING
     tasks_at_once: int = 1
     threads: str = "auto"
+    keep_freed_memory: bool = True
     device: str = "auto"
     seed: int = 0
     eval_seed: int = 0

@@ -48,7 +48,7 @@ from maml_cli.errors import UserError
 from maml_cli.learner import Learner, checkpoint_of, load
 from maml_cli.loop import by_presentation, evaluate, mean_ci95, strict_json
 from maml_cli.suggest import explain_config_error
-from maml_cli.threads import choose_threads, threads_problem
+from maml_cli.threads import set_up_cpu, threads_problem
 
 log = logging.getLogger("maml_cli")
 
@@ -74,6 +74,7 @@ class EvalConfig:
     query: Optional[int] = None  # default: the run's query
     device: str = "auto"
     threads: str = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the CPUs this process may use) or a number
+    keep_freed_memory: bool = True  # glibc: reuse freed memory instead of returning it to the OS each step (maml_cli.allocator)
     data_root: Optional[str] = None  # default: the run's data root
     dataset: EvalDataset = field(default_factory=EvalDataset)
     output: Optional[str] = None  # the JSON file to write (refused if it exists); default: a name beside the checkpoint
@@ -131,7 +132,7 @@ def run_eval(args: EvalConfig) -> dict:
             if key not in cfg.dataset:
                 raise UserError(f"dataset.{key} does not apply to the run's dataset ({cfg.dataset._target_.rsplit('.', 1)[-1]}); leave it out.")
             cfg.dataset[key] = value
-    set_threads(args.threads)
+    set_up_cpu(args.threads, args.keep_freed_memory)
     device = resolve_device(args.device)
     trained_way = state["config"]["way"]
     if cfg.way != trained_way and build_algorithm(cfg).network in ("classifier", "recurrent"):
@@ -153,12 +154,6 @@ def run_eval(args: EvalConfig) -> dict:
         "by_inner_step": [{"inner_steps": k, "mean": r[metric][0], "ci95": r[metric][1]} for k, r in enumerate(results)],
         "by_presentation": [{"presentation": k, "mean": m, "ci95": c} for k, (m, c) in sorted(presentation.items())],
     }
-
-
-def set_threads(spec: str) -> None:
-    threads, why = choose_threads(str(spec))
-    torch.set_num_threads(threads)
-    log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)
 
 
 @dataclass
@@ -199,7 +194,7 @@ def score_task(learner: Learner, task: TaskFiles, root: Path) -> tuple[list[floa
 
 def run_episodes(args: EvalConfig) -> tuple[dict, list[Prediction]]:
     """Score (labelled queries) and predict (all queries) the tasks of ``args.episodes`` with the checkpoint."""
-    set_threads(args.threads)
+    set_up_cpu(args.threads, args.keep_freed_memory)
     learner = load(args.checkpoint, args.device)
     args.checkpoint = str(learner.checkpoint)
     if learner.inputs.kind.name != "classification":

@@ -1,9 +1,16 @@
 """How many threads torch computes with: the CPUs this process may use, not the machine's count."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
+
+import torch
+
+from maml_cli.allocator import keep_freed_memory
+
+log = logging.getLogger("maml_cli")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -75,3 +82,13 @@ def choose_threads(setting: str, root: Path = CGROUP_ROOT) -> tuple[int, str]:
     if busy:
         return max(1, count - busy), f"auto: {source}, about {busy} kept busy by other processes (load average)"
     return count, f"auto: {source}"
+
+
+def set_up_cpu(threads: str, keep_memory: bool) -> None:
+    """Compute on :func:`choose_threads`'s count of threads and, with ``keep_memory``, keep freed memory for reuse
+    (:func:`maml_cli.allocator.keep_freed_memory`, glibc only); say both in one log line."""
+    count, why = choose_threads(str(threads))
+    torch.set_num_threads(count)
+    kept = keep_memory and keep_freed_memory()
+    log.info("computing on %d CPU thread%s (%s)%s", count, "s" * (count != 1), why,
+             "; freed memory kept for reuse (keep_freed_memory=true)" if kept else "")

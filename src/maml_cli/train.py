@@ -42,7 +42,7 @@ from maml_cli.loop import MetaTrainer, TaskThreads, by_presentation
 from maml_cli.run_lock import run_lock
 from maml_cli.suggest import explain_config_error
 from maml_cli.tasks import TASK_KINDS
-from maml_cli.threads import choose_threads
+from maml_cli.threads import set_up_cpu
 
 log = logging.getLogger("maml_cli")
 
@@ -161,9 +161,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
     if cfg.resume:
         resume_state = load_resume_state(Path(cfg.resume))
         cfg = resumed_config(cfg, resume_state, overrides)
-    threads, why = choose_threads(str(cfg.threads))
-    torch.set_num_threads(threads)
-    log.info("computing on %d CPU thread%s (%s)", threads, "s" * (threads != 1), why)
+    set_up_cpu(cfg.threads, cfg.keep_freed_memory)
     device = distributed.device_of(resolve_device(cfg.device), ranks)
     torch.manual_seed(cfg.seed)
     algorithm = build_algorithm(cfg)

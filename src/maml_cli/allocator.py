@@ -1,0 +1,31 @@
+"""Freed memory kept for reuse by glibc's malloc instead of being handed back to the OS after every step.
+
+glibc serves each block above a threshold (at most 32 MiB) with its own ``mmap`` and unmaps it when freed, and
+trims its heap when the free top grows past another. A step that allocates large activations (a 60-way ProtoNet
+episode, 84x84 images, the LSTM's whole meta-batch) then maps, faults in page by page, and unmaps the same memory
+at every step, and the kernel's page-fault time shows up as system time. With mmap off for blocks and no
+trimming, the heap keeps its pages after the first step and every later step reuses them; resident memory stays at
+the peak instead of falling between steps (docs/performance.md, "Keeping freed memory").
+"""
+from __future__ import annotations
+
+import ctypes
+import platform
+
+# mallopt(3) parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+# mallopt takes an int: the largest trim threshold it can be given, 2 GiB, is far above any free heap top here.
+NEVER_TRIM = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to serve large blocks from its heap and never trim it, for the rest of this process.
+
+    Returns:
+        Whether it applied: False off glibc (macOS, musl), where the allocator is left as it is.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
