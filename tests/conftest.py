@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +21,18 @@ SHARED_OMNIGLOT = Path(os.environ.get("MAML_CLI_SHARED_DATA", REPO.parent / "sha
 # A reduced copy: 2 + 2 alphabets, 28 characters, 20 images each, in torchvision's layout.
 SMALL_LAYOUT = {"images_background": {"Alpha": 8, "Beta": 8}, "images_evaluation": {"Gamma": 6, "Delta": 6}}
 SMALL_OVERRIDES = ["dataset.check_counts=false", "dataset.val_characters=4", "dataset.test_characters=8", "dataset.download=false"]
+
+
+@pytest.fixture(autouse=True)
+def pytests_own_allocator(monkeypatch):
+    """``keep_freed_memory`` changes a process's allocator for good: runs made in this process (``maml-train`` or
+    ``maml-eval`` called in-process) leave pytest's as it is; tests/test_allocator.py checks the change in a process of
+    its own, and records the calls the entry points make."""
+    try:
+        from maml_cli import threads
+    except ImportError:  # the package is not installed here (tests of an installed wheel run it in subprocesses)
+        return
+    monkeypatch.setattr(threads, "keep_freed_memory", lambda: True)
 
 
 def write_small_omniglot(root: Path, layout: dict = SMALL_LAYOUT, images: int = 20, seed: int = 0) -> Path:
@@ -123,10 +134,7 @@ def run_in_process(name: str, args: list[str], cwd: Path, check: bool = True) ->
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ.pop("HYDRA_FULL_ERROR", None)
         # A run seeds torch's global generator; fork it so the tests after this one draw what they would have.
-        # keep_freed_memory changes this process's allocator for good: the runs here leave pytest's as it is
-        # (tests/test_allocator.py checks the change in a process of its own).
-        with torch.random.fork_rng(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
-                mock.patch("maml_cli.threads.keep_freed_memory", return_value=True):
+        with torch.random.fork_rng(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 main()
             except SystemExit as exit_info:

@@ -44,7 +44,7 @@ def test_sinusoid_run_writes_curves_checkpoints_config_and_hparams(tmp_path):
     assert "best meta-validation mse: " in log and f"run directory: {run}" in log
     assert f"curves: tensorboard --logdir {tmp_path / 'outputs'}" in log
     assert "computing on 1 CPU thread (auto: OMP_NUM_THREADS=1)" in log  # run_cli sets OMP_NUM_THREADS=1
-    assert ("; freed memory kept for reuse (keep_freed_memory=true)" in log) == (platform.libc_ver()[0] == "glibc")
+    assert ("; glibc asked to keep freed memory for reuse (keep_freed_memory=true)" in log) == (platform.libc_ver()[0] == "glibc")
     assert run.parent == tmp_path / "outputs" / "runs" and run.name.endswith("_dataset-sinusoid_iterations-4_meta_batch_size-3")
     scalars = read_scalars(run)
     assert steps(scalars, "train/loss") == [1, 2, 3, 4] and steps(scalars, "train/mse") == [1, 2, 3, 4]

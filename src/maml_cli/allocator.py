@@ -15,15 +15,20 @@ import platform
 # mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-# mallopt takes an int: the largest trim threshold it can be given, 2 GiB, is far above any free heap top here.
-NEVER_TRIM = 2**31 - 1
+# mallopt(3): a trim threshold of -1 turns trimming off altogether.
+NEVER_TRIM = -1
 
 
 def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to serve large blocks from its heap and never trim it, for the rest of this process.
+    """Ask glibc's malloc to serve large blocks from its heap and never trim it, for the rest of this process.
+
+    It holds for the blocks the main thread allocates (torch's operators allocate their outputs in the calling
+    thread); blocks that ``tasks_at_once`` task threads allocate come from glibc's per-thread arenas, where blocks
+    of 32 MiB and more are still mapped and unmapped each time.
 
     Returns:
-        Whether it applied: False off glibc (macOS, musl), where the allocator is left as it is.
+        Whether glibc took the request: False off glibc (macOS, musl), where the allocator is left as it is. A
+        malloc preloaded in glibc's place (jemalloc, tcmalloc) ignores it.
     """
     if platform.libc_ver()[0] != "glibc":
         return False

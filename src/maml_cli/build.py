@@ -29,7 +29,7 @@ from maml_cli.threads import threads_problem
 RESUME_FREE_KEYS = {
     "iterations", "device", "tasks_at_once", "threads", "resume", "force_resume", "progress", "log_every", "val_every", "val_tasks", "test_tasks",
     "checkpoint_every", "data_root", "dataset.root", "dataset.download", "dataset.store_dir", "dataset.in_memory", "patience",
-    "model.channels_last",
+    "model.channels_last", "keep_freed_memory",
 }
 
 # How the machine at hand computes and reports: a resumed run takes these from the resume command (its

@@ -91,4 +91,4 @@ def set_up_cpu(threads: str, keep_memory: bool) -> None:
     torch.set_num_threads(count)
     kept = keep_memory and keep_freed_memory()
     log.info("computing on %d CPU thread%s (%s)%s", count, "s" * (count != 1), why,
-             "; freed memory kept for reuse (keep_freed_memory=true)" if kept else "")
+             "; glibc asked to keep freed memory for reuse (keep_freed_memory=true)" if kept else "")
