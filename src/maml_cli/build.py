@@ -25,17 +25,17 @@ from maml_cli.tasks import EpisodeSampler
 from maml_cli.suggest import GROUPS, HIDDEN_FIELDS, schema_fields, unknown_key_message
 from maml_cli.threads import threads_problem
 
-# Keys that may change between a run and its resumption without changing its results.
-RESUME_FREE_KEYS = {
-    "iterations", "device", "tasks_at_once", "threads", "resume", "force_resume", "progress", "log_every", "val_every", "val_tasks", "test_tasks",
-    "checkpoint_every", "data_root", "dataset.root", "dataset.download", "dataset.store_dir", "dataset.in_memory", "patience",
-    "model.channels_last", "keep_freed_memory",
-}
-
 # How the machine at hand computes and reports: a resumed run takes these from the resume command (its
 # defaults where they are not typed), never from the machine it ran on before (a GPU host's threads=7 on a
 # 2-core laptop would oversubscribe it).
 MACHINE_KEYS = ("device", "threads", "keep_freed_memory", "tasks_at_once", "progress")
+
+# Keys that may change between a run and its resumption without changing its results.
+RESUME_FREE_KEYS = {
+    *MACHINE_KEYS, "iterations", "resume", "force_resume", "log_every", "val_every", "val_tasks", "test_tasks",
+    "checkpoint_every", "data_root", "dataset.root", "dataset.download", "dataset.store_dir", "dataset.in_memory", "patience",
+    "model.channels_last",
+}
 
 
 def resolve_device(spec: str) -> torch.device:
