@@ -13,16 +13,14 @@ peak resident memory and minor page faults (the kernel's, from ``wait4``), print
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from maml_cli.results import find_runs, read_events
+from measured_process import run_measured
 
 SETTINGS = {
     "protonet": ["experiment=protonet_omniglot_5w1s", "iterations=30"],  # 60-way episodes with 5 queries, one per update
@@ -47,13 +45,7 @@ def run(setting: str, keep: bool, args: argparse.Namespace, folder: Path) -> Mea
                f"dataset.split_dir={args.split_dir}", "log_every=5", "val_every=1000000", "val_tasks=1", "test_tasks=1",
                "progress=false", "device=cpu", f"threads={args.threads}", f"keep_freed_memory={str(keep).lower()}",
                f"hydra.run.dir={folder}"]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
+    wall, usage = run_measured(command, args.threads)
     rates = [p.value for p in read_events(find_runs([folder])[0]).scalars["train/tasks_per_second"]]
     return Measured(statistics.median(rates[1:]), usage.ru_utime, usage.ru_stime, wall, usage.ru_maxrss / 1024, usage.ru_minflt)
 

@@ -87,8 +87,14 @@ def _instantiate_all(cfg):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     optimizer.step()
     scored = evaluate(algorithm, model, samplers["test"], tasks.kind, 2, 0, torch.device("cpu"))
-    assert len(scored) == (cfg.test_inner_steps + 1 if has_inner_loop(cfg) else 1)
-    assert all(math.isfinite(step[tasks.kind.metric][0]) for step in scored)
+    last = cfg.test_inner_steps if has_inner_loop(cfg) else 0
+    assert list(scored) == list(range(last + 1))
+    assert all(math.isfinite(step[tasks.kind.metric][0]) for step in scored.values())
+    # Scoring every other step, or the last alone (meta-validation), scores the kept steps of the same tasks the same.
+    for score_every, kept in ((2, sorted({*range(0, last + 1, 2), last})), (None, [last])):
+        sparse = evaluate(algorithm, model, samplers["test"], tasks.kind, 2, 0, torch.device("cpu"), score_every=score_every)
+        assert list(sparse) == kept
+        assert all(sparse[k][tasks.kind.metric] == pytest.approx(scored[k][tasks.kind.metric], abs=1e-6) for k in kept)
     # A trained model meets a new task through the same computation: the dataset's registered inputs are what the
     # family built, and each step's predictor scores a test episode exactly as evaluate does.
     inputs = dataset_inputs(cfg)
@@ -103,9 +109,9 @@ def _instantiate_all(cfg):
         return
     by_step = algorithm.evaluate(forward, params, EpisodeBatch.stack([episode]), objective)
     predicted = scored_predictors(algorithm.adaptations(forward, params, episode.support_x, episode.support_y, objective),
-                                  episode.query_x, episode.query_y, objective)
-    assert len(predicted) == len(by_step)
-    for mine, theirs in zip(predicted, by_step):
+                                  episode.query_x, episode.query_y, objective, steps=range(last + 1))
+    assert list(predicted) == list(by_step)
+    for mine, theirs in zip(predicted.values(), by_step.values()):
         assert torch.allclose(mine[tasks.kind.metric], theirs[tasks.kind.metric][0], atol=1e-6)
 
 

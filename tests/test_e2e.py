@@ -172,6 +172,40 @@ def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small
     assert report["tasks"] == 5 and len(report["by_inner_step"]) == 3
 
 
+def test_score_every_scores_the_final_test_and_maml_eval_after_every_kth_inner_step_and_the_last(tmp_path, capsys):
+    from maml_cli import evaluate, results
+    trained = run_in_process("maml-train", [*SINE, "score_every=4", "test_tasks=20"], cwd=tmp_path)  # sinusoid: test_inner_steps=10
+    run = only_run(tmp_path)
+    assert "score_every" not in run.name  # it changes what is scored, not what is learned
+    logged = dict(read_scalars(run)["test/mse_by_inner_step"])
+    assert list(logged) == [0, 4, 8, 10]
+    log = trained.stdout + trained.stderr
+    assert "meta-test mse after 8 inner step(s)" in log and "after 9 inner step(s)" not in log
+    # maml-eval: the run's score_every unless typed; the same episodes give the same numbers at the steps both scored.
+    evaluate.main([f"checkpoint={run / 'last.pt'}", "score_every=3", "test_tasks=20"])
+    out = capsys.readouterr().out
+    written = Path(next(line for line in out.splitlines() if line.startswith("written: ")).split(": ", 1)[1])
+    assert written.name == "eval_last_test_1w10s_10q_20tasks_seed0_10steps_every3.json"
+    report = json.loads(written.read_text())
+    by_step = {row["inner_steps"]: row["mean"] for row in report["by_inner_step"]}
+    assert list(by_step) == [0, 3, 6, 9, 10] and report["score_every"] == 3
+    assert by_step[0] == pytest.approx(logged[0], rel=1e-5) and by_step[10] == pytest.approx(logged[10], rel=1e-5)
+    evaluate.main([f"checkpoint={run / 'last.pt'}", "test_tasks=3"])
+    assert [row["inner_steps"] for row in json.loads(written.with_name("eval_last_test_1w10s_10q_3tasks_seed0_10steps_every4.json")
+                                                                 .read_text())["by_inner_step"]] == [0, 4, 8, 10]
+    # maml-results labels sparse steps with their step numbers.
+    capsys.readouterr()
+    results.main([str(run), "--eval", "eval_last_test_1w10s_10q_20tasks*", "--format", "markdown"])
+    table = capsys.readouterr().out
+    assert ", 3: " in table and ", 10: " in table and ", 1: " not in table
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([f"checkpoint={run / 'last.pt'}", "score_every=0"])
+    assert exit_info.value.code == 2 and "score_every must be at least 1" in capsys.readouterr().err
+    # Typed on a resume, it is taken (the learned weights do not depend on it).
+    run_in_process("maml-train", [*SINE, "iterations=5", "score_every=5", f"resume={run}"], cwd=tmp_path)
+    assert [s for s, _ in read_scalars(run)["test/mse_by_inner_step"]][-3:] == [0, 5, 10]
+
+
 def test_without_the_progress_bar_the_log_shows_each_validation_and_the_time_to_go(tmp_path):
     result = run_in_process("maml-train", SINE, cwd=tmp_path)  # SINE: progress=false, val_every=2, iterations=4
     lines = [line for line in (result.stdout + result.stderr).splitlines() if ": meta-validation mse " in line]
@@ -324,6 +358,8 @@ def test_protonet_scores_any_way_from_one_checkpoint_and_maml_refuses(tmp_path, 
     assert "5-way 1-shot" in result.stdout and list(run.glob("eval_last_test_5w1s_*q_*tasks_seed0*.json"))
     no_inner_loop = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}", "test_inner_steps=3"], cwd=tmp_path, check=False)
     assert no_inner_loop.returncode == 2 and "test_inner_steps does not apply to ProtoNet" in no_inner_loop.stderr
+    no_steps = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}", "score_every=2"], cwd=tmp_path, check=False)
+    assert no_steps.returncode == 2 and "score_every does not apply to ProtoNet" in no_steps.stderr
     (tmp_path / "m").mkdir()
     run_in_process("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "m")
     refused = run_in_process("maml-eval", [f"checkpoint={only_run(tmp_path / 'm') / 'last.pt'}", "way=5"], cwd=tmp_path, check=False)

@@ -65,7 +65,7 @@ def test_an_episode_given_as_image_files_scores_exactly_as_the_same_episode_give
         # The episode as tensors through the evaluation loop's own path (what maml-eval runs on sampled episodes).
         by_step = learner.algorithm.evaluate(functional_forward(learner.model), dict(learner.model.named_parameters()),
                                              EpisodeBatch.stack([episode]), tasks.kind.objective)
-        reference.append([float(step["accuracy"][0]) for step in by_step])
+        reference.append([float(step["accuracy"][0]) for step in by_step.values()])
         # The API on tensors and on the files: the same scores, bit for bit.
         from_tensors = learner.adapt(episode.support_x, episode.support_y).scores(episode.query_x)
         files = sorted((episodes / f"task{t}" / "support").rglob("*.png"))
@@ -126,7 +126,8 @@ def test_mistakes_with_new_tasks_are_one_line_errors(trained, tmp_path, capsys):
     (tmp_path / "bad" / "t" / "query" / "class_0").rename(tmp_path / "bad" / "t" / "query" / "unknown")
     for args, message in (([f"episodes={tmp_path / 'bad'}"], "query class .*unknown has no support images"),
                           ([f"episodes={tmp_path / 'missing'}"], "is not a folder"),
-                          ([f"episodes={tmp_path / 'task'}", "way=5"], "way apply only to sampled episodes")):
+                          ([f"episodes={tmp_path / 'task'}", "way=5"], "way apply only to sampled episodes"),
+                          ([f"episodes={tmp_path / 'task'}", "score_every=2"], "score_every apply only to sampled episodes")):
         with pytest.raises(SystemExit) as exit_info:
             evaluate.main([f"checkpoint={run}", *args])
         assert exit_info.value.code == 2
@@ -202,7 +203,7 @@ def test_a_regression_learner_adapts_to_points_and_predicts_values(tmp_path):
     # The same task through the evaluation loop's path: the same mean squared error.
     by_step = learner.algorithm.evaluate(functional_forward(learner.model), dict(learner.model.named_parameters()),
                                          EpisodeBatch.stack([Episode(x[::2], y[::2], x[1::2], y[1::2])]), learner.inputs.kind.objective)
-    assert float((predicted - y[1::2]).pow(2).mean()) == pytest.approx(float(by_step[-1]["mse"][0]), rel=1e-6)
+    assert float((predicted - y[1::2]).pow(2).mean()) == pytest.approx(float(by_step[max(by_step)]["mse"][0]), rel=1e-6)
     with pytest.raises(UserError, match="10 support examples but 3 target values"):
         learner.adapt(x[::2], y[:3])
     with pytest.raises(UserError, match="trained on vectors"):

@@ -188,8 +188,30 @@ def test_evaluate_reports_every_inner_step_and_matches_adapt():
     forward = functional_forward(model)
     params = dict(model.named_parameters())
     per_step = maml.evaluate(forward, params, EpisodeBatch.stack([episode]), regression_objective)
-    assert len(per_step) == 4
-    for steps, metrics in enumerate(per_step):
+    assert list(per_step) == [0, 1, 2, 3]
+    for steps, metrics in per_step.items():
         adapted = adapt(forward, params, episode.support_x, episode.support_y, regression_objective, 0.1, steps, first_order=True)
         expected, _ = regression_objective(forward(adapted, episode.query_x), episode.query_y)
         torch.testing.assert_close(metrics["mse"], expected.detach()[None])
+
+
+def test_evaluate_predicts_the_queries_only_after_the_scored_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.linspace(-1, 1, 14, dtype=torch.float64)[:, None]
+    episode = Episode(x[:5], torch.sin(x[:5]), x[5:], torch.sin(x[5:]))
+    maml = MAML(inner_lr=0.1, inner_steps=1, test_inner_steps=5)
+    params = dict(model.named_parameters())
+    every_step = maml.evaluate(functional_forward(model), params, EpisodeBatch.stack([episode]), regression_objective)
+    for score_every, kept in ((1, [0, 1, 2, 3, 4, 5]), (2, [0, 2, 4, 5]), (3, [0, 3, 5]), (9, [0, 5]), (None, [5])):
+        query_passes = []
+
+        def counting_forward(weights, inputs):
+            query_passes.append(len(inputs) == len(episode.query_x))  # 9 queries, 5 support examples
+            return functional_forward(model)(weights, inputs)
+
+        scored = maml.evaluate(counting_forward, params, EpisodeBatch.stack([episode]), regression_objective, score_every)
+        assert list(scored) == kept
+        assert sum(query_passes) == len(kept) and len(query_passes) - sum(query_passes) == 5  # every step is still taken
+        for step in kept:
+            torch.testing.assert_close(scored[step]["mse"], every_step[step]["mse"])

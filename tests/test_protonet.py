@@ -44,8 +44,8 @@ def test_a_separable_task_is_solved_perfectly_with_an_identity_embedding():
     support_y, query_y = torch.arange(way).repeat_interleave(shot), torch.arange(way).repeat_interleave(query)
     episode = Episode(centres[support_y] + 0.5 * torch.randn(way * shot, 8, generator=g), support_y,
                       centres[query_y] + 0.5 * torch.randn(way * query, 8, generator=g), query_y)
-    (metrics,) = ProtoNet().evaluate(identity_forward, {}, EpisodeBatch.stack([episode]), classification_objective)
-    assert metrics["accuracy"].tolist() == [1.0]
+    scored = ProtoNet().evaluate(identity_forward, {}, EpisodeBatch.stack([episode]), classification_objective, score_every=3)
+    assert list(scored) == [0] and scored[0]["accuracy"].tolist() == [1.0]  # one entry, before any step: score_every does not apply
 
 
 def test_training_episodes_may_have_more_classes_than_test_episodes():

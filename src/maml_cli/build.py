@@ -32,7 +32,7 @@ MACHINE_KEYS = ("device", "threads", "keep_freed_memory", "tasks_at_once", "prog
 
 # Keys that may change between a run and its resumption without changing its results.
 RESUME_FREE_KEYS = {
-    *MACHINE_KEYS, "iterations", "resume", "force_resume", "log_every", "val_every", "val_tasks", "test_tasks",
+    *MACHINE_KEYS, "iterations", "resume", "force_resume", "log_every", "val_every", "val_tasks", "test_tasks", "score_every",
     "checkpoint_every", "data_root", "dataset.root", "dataset.download", "dataset.store_dir", "dataset.in_memory", "patience",
     "model.channels_last",
 }
@@ -75,7 +75,7 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{key} must be positive (got {cfg[key]})")
     for key, low in (("way", 1), ("shot", 1), ("query", 1), ("meta_batch_size", 1), ("tasks_at_once", 1), ("inner_steps", 0),
                      ("test_inner_steps", 0), ("iterations", 0), ("log_every", 1), ("val_every", 1),
-                     ("val_tasks", 1), ("test_tasks", 1), ("checkpoint_every", 1)):
+                     ("val_tasks", 1), ("test_tasks", 1), ("score_every", 1), ("checkpoint_every", 1)):
         if cfg[key] < low:
             problems.append(f"{key} must be at least {low} (got {cfg[key]})")
     for node_name in ("algo", "dataset", "model"):
@@ -242,7 +242,7 @@ def dataset_name(cfg: DictConfig) -> str:
     return hydra_choice("dataset") or cfg.dataset._target_.rsplit(".", 1)[-1]
 
 
-INNER_LOOP_KEYS = ("inner_lr", "inner_steps", "test_inner_steps")
+INNER_LOOP_KEYS = ("inner_lr", "inner_steps", "test_inner_steps", "score_every")
 
 
 def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: list[str] | None = None) -> None:

@@ -66,6 +66,7 @@ class Config:
     outer_lr: float = MISSING
     inner_steps: int = MISSING
     test_inner_steps: int = MISSING
+    score_every: int = 1
     meta_batch_size: int = MISSING
     iterations: int = MISSING
     tasks_at_once: int = 1

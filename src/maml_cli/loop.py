@@ -12,7 +12,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +82,7 @@ def batches_of(episodes: list[Episode], per_call: int | None) -> list[EpisodeBat
 
 def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, kind: TaskKind, n_tasks: int, seed: int,
              device: torch.device, progress: bool = False, description: str = "evaluate",
-             ranks: Ranks = SINGLE) -> list[dict[str, tuple[float, float]]]:
+             ranks: Ranks = SINGLE, score_every: Optional[int] = 1) -> dict[int, dict[str, tuple[float, float]]]:
     """Score the meta-parameters on ``n_tasks`` episodes drawn from a generator seeded with ``seed``.
 
     The episodes depend only on ``seed`` and the sampler, so every run and every
@@ -93,37 +93,42 @@ def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, ki
         progress: show a progress bar over the episodes.
         ranks: with several ranks, each draws every episode (the draws stay the same) and computes the stacks
             it owns; the scores are gathered in episode order, so the result is the single process's.
+        score_every: for an algorithm with an inner loop, score the query set after every ``score_every``-th inner
+            step and after the last (:func:`~maml_cli.algorithms.base.scored_steps`); ``None``: after the last only.
 
     Returns:
-        One dict per adaptation step reported by the algorithm (0, 1, ...,
-        ``test_inner_steps`` for MAML; a single one for ProtoNet and the LSTM),
-        mapping each metric (``kind.metric``, ``loss``, and any the algorithm adds)
-        to ``(mean, ci95)`` over the tasks.
+        By the number of inner steps taken before scoring, in increasing order (0, 1, ..., ``test_inner_steps``
+        for MAML with ``score_every=1``; ``{0: ...}`` for ProtoNet and the LSTM): each metric (``kind.metric``,
+        ``loss``, and any the algorithm adds) as ``(mean, ci95)`` over the tasks. :func:`after_last_step` picks the
+        final one.
     """
     generator = torch.Generator().manual_seed(seed)
     forward = functional_forward(model)
     params = dict(model.named_parameters())
     per_call = algorithm.episodes_per_call or EVAL_EPISODES_PER_CALL
-    # Each stack's scores: one dict per adaptation step of metric name -> per-episode values.
-    scored: dict[int, list[dict[str, list[float]]]] = {}
+    # Each stack's scores: by scored adaptation step, metric name -> per-episode values.
+    scored: dict[int, dict[int, dict[str, list[float]]]] = {}
     with tqdm(total=n_tasks, disable=not progress, dynamic_ncols=True, desc=description, unit="task") as bar:
         for index, start in enumerate(range(0, n_tasks, per_call)):
             episodes = [sampler.sample(generator) for _ in range(min(per_call, n_tasks - start))]
             if ranks.owns(index):
                 batch = EpisodeBatch.stack([episode.to(device) for episode in episodes])
-                scored[index] = [{name: values.tolist() for name, values in metrics.items()}
-                                 for metrics in algorithm.evaluate(forward, params, batch, kind.objective)]
+                scored[index] = {step: {name: values.tolist() for name, values in metrics.items()}
+                                 for step, metrics in algorithm.evaluate(forward, params, batch, kind.objective, score_every).items()}
             bar.update(len(episodes))
     if ranks.several:
         scored = {index: stack for part in ranks.gather(scored) for index, stack in part.items()}
-    per_step: list[dict[str, list[float]]] = []
+    per_step: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for index in sorted(scored):
-        for step, metrics in enumerate(scored[index]):
-            if step == len(per_step):
-                per_step.append(defaultdict(list))
+        for step, metrics in scored[index].items():
             for name, values in metrics.items():
                 per_step[step][name].extend(values)
-    return [{name: mean_ci95(values) for name, values in step.items()} for step in per_step]
+    return {step: {name: mean_ci95(values) for name, values in per_step[step].items()} for step in sorted(per_step)}
+
+
+def after_last_step(results: dict[int, dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """The scores of :func:`evaluate` after the last inner step: the final result of an evaluation."""
+    return results[max(results)]
 
 
 class TaskThreads:
@@ -325,6 +330,7 @@ class MetaTrainer:
     scheduler: Any = None
     grad_clip: float | None = None
     patience: int | None = None
+    score_every: int = 1  # the final meta-test scores the query set after every score_every-th inner step and the last
     threads: TaskThreads | None = None
     progress: bool = True
     resume_hint: str = ""
@@ -399,31 +405,32 @@ class MetaTrainer:
     # -- validation and test ----------------------------------------------
     def validate(self) -> tuple[float, float]:
         """Score the model on the meta-validation episodes, log it, keep ``best.pt``; returns the metric and its 95% CI."""
-        results = evaluate(self.algorithm, self.model, self.val_sampler, self.kind, self.val_tasks, self.eval_seed, self.device,
-                           ranks=self.ranks)
+        # Only the last inner step is logged and compared, so only it is scored.
+        results = after_last_step(evaluate(self.algorithm, self.model, self.val_sampler, self.kind, self.val_tasks, self.eval_seed,
+                                           self.device, ranks=self.ranks, score_every=None))
         step = self.state.iteration
-        for name, (value, ci) in results[-1].items():
+        for name, (value, ci) in results.items():
             self.writer.add_scalar(f"val/{name}", value, step)
             if name == self.kind.metric:
                 self.writer.add_scalar(f"val/{name}_ci95", ci, step)
-        value = results[-1][self.kind.metric][0]
+        value = results[self.kind.metric][0]
         self.last_validation = value
         better = self.state.best_metric is None or (value > self.state.best_metric if self.kind.higher_is_better else value < self.state.best_metric)
         if better:
             self.state.best_metric, self.state.best_iteration = value, step
             self.writer.add_scalar(f"val/best_{self.kind.metric}", value, step)
             self.save("best.pt")
-        return value, results[-1][self.kind.metric][1]
+        return value, results[self.kind.metric][1]
 
-    def test(self) -> list[dict[str, tuple[float, float]]]:
+    def test(self) -> dict[int, dict[str, tuple[float, float]]]:
         results = evaluate(self.algorithm, self.model, self.test_sampler, self.kind, self.test_tasks, self.eval_seed, self.device,
-                           progress=self.progress, description="meta-test", ranks=self.ranks)
+                           progress=self.progress, description="meta-test", ranks=self.ranks, score_every=self.score_every)
         metric = self.kind.metric
-        for inner_step, step_results in enumerate(results):
+        for inner_step, step_results in results.items():
             value, ci = step_results[metric]
             self.writer.add_scalar(f"test/{metric}_by_inner_step", value, inner_step)
             self.writer.add_scalar(f"test/{metric}_ci95_by_inner_step", ci, inner_step)
-        final = results[-1]
+        final = after_last_step(results)
         for name, (value, ci) in final.items():
             if PRESENTATION_METRIC.fullmatch(name):
                 continue

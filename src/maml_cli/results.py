@@ -50,7 +50,7 @@ ConfigValue = Union[str, int, float, bool, None, list]
 # Keys that say where and how a run computed, not what it learned: never a column of their own.
 IGNORED_KEYS = frozenset({
     *MACHINE_KEYS, "data_root", "dataset.root", "dataset.split_dir", "dataset.store_dir", "dataset.in_memory",
-    "dataset.download", "resume", "force_resume", "log_every", "checkpoint_every",
+    "dataset.download", "resume", "force_resume", "log_every", "checkpoint_every", "score_every",
 })
 # Keys shown in columns of their own (algorithm, dataset, split).
 OWN_COLUMNS = frozenset({"algo._target_", "dataset._target_", "dataset.split"})
@@ -108,10 +108,10 @@ class Validation:
 
 @dataclass
 class TestResult:
-    """A meta-test: the final metric, the metric after each inner step and by presentation index, and its episodes."""
+    """A meta-test: the final metric, the metric after each scored inner step (by step) and by presentation index, and its episodes."""
 
     final: Estimate | None = None
-    by_inner_step: list[Estimate] = field(default_factory=list)
+    by_inner_step: dict[int, Estimate] = field(default_factory=dict)
     by_presentation: list[Estimate] = field(default_factory=list)
     episodes: TestEpisodes | None = None
 
@@ -344,11 +344,11 @@ def read_eval_file(path: Path) -> tuple[TestResult, str]:
     """
     try:
         report = json.loads(path.read_text())
-        by_step = [Estimate(reported(r["mean"]), reported(r["ci95"])) for r in report["by_inner_step"]]
+        by_step = {int(r["inner_steps"]): Estimate(reported(r["mean"]), reported(r["ci95"])) for r in report["by_inner_step"]}
         by_presentation = [Estimate(reported(r["mean"]), reported(r["ci95"])) for r in report.get("by_presentation", [])]
         episodes = TestEpisodes(report.get("tasks"), report.get("way"), report.get("shot"), report.get("query"), path.name)
-        return TestResult(by_step[-1], by_step, by_presentation, episodes), str(report["metric"])
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return TestResult(by_step[max(by_step)], by_step, by_presentation, episodes), str(report["metric"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:  # max() of no steps: ValueError
         raise ValueError(f"{path.name} is not a maml-eval report ({err})") from None
 
 
@@ -400,13 +400,13 @@ def read_test(scalars: dict[str, list[Point]], metric: str | None, config: dict[
     if not final:
         return TestResult()
 
-    def estimates(name: str) -> list[Estimate]:
+    def estimates(name: str) -> dict[int, Estimate]:
         cis = series(scalars, f"test/{metric}_ci95_{name}")
-        return [Estimate(v, cis.get(step, math.nan)) for step, v in sorted(series(scalars, f"test/{metric}_{name}").items())]
+        return {step: Estimate(v, cis.get(step, math.nan)) for step, v in sorted(series(scalars, f"test/{metric}_{name}").items())}
 
     episodes = TestEpisodes(*(number(config.get(k)) for k in ("test_tasks", "way", "shot", "query"))) if config else None
     return TestResult(Estimate(final[-1].value, final_ci.get(final[-1].step, math.nan)), estimates("by_inner_step"),
-                      estimates("by_presentation"), episodes)
+                      list(estimates("by_presentation").values()), episodes)
 
 
 def tasks_per_second(scalars: dict[str, list[Point]], iterations: int | None, meta_batch_size: int | None,
@@ -584,11 +584,10 @@ class Row:
         return self.combine([None if r.validation.best is None else Estimate(r.validation.best, math.nan) for r in self.runs])
 
     @property
-    def test_by_inner_step(self) -> list[Estimate | None]:
-        """The meta-test metric after 0, 1, ... inner steps."""
-        steps = max(len(r.test.by_inner_step) for r in self.runs)
-        return [self.combine([r.test.by_inner_step[k] if k < len(r.test.by_inner_step) else None for r in self.runs])
-                for k in range(steps)]
+    def test_by_inner_step(self) -> dict[int, Estimate | None]:
+        """The meta-test metric after each inner step any of the runs scored, by step."""
+        steps = sorted({k for r in self.runs for k in r.test.by_inner_step})
+        return {k: self.combine([r.test.by_inner_step.get(k) for r in self.runs]) for k in steps}
 
 
 def make_rows(runs: list[Run], keys: list[str], group_seeds: bool) -> list[Row]:
@@ -683,15 +682,16 @@ def row_cells(row: Row, keys: list[str], by_step: bool, grouped: bool) -> list[s
     return cells
 
 
-def inner_steps_text(steps: list[Estimate | None], metric: str | None, most: int = 6) -> str:
-    """The means after 0, 1, ... inner steps; a long series as its first steps and its last, each with its step."""
+def inner_steps_text(steps: dict[int, Estimate | None], metric: str | None, most: int = 6) -> str:
+    """The means after each scored inner step: plain when the steps are 0, 1, 2, ...; otherwise each with its step,
+    and a long series as its first steps and its last."""
     if len(steps) < 2:
         return "-"
-    texts = [metric_text(e.mean if e else None, metric) for e in steps]
-    if len(texts) <= most:
-        return ", ".join(texts)
-    shown = [f"{k}: {texts[k]}" for k in range(most - 2)]
-    return ", ".join([*shown, "...", f"{len(texts) - 1}: {texts[-1]}"])
+    texts = {k: metric_text(e.mean if e else None, metric) for k, e in steps.items()}
+    if len(texts) <= most and list(texts) == list(range(len(texts))):
+        return ", ".join(texts.values())
+    shown = [f"{k}: {text}" for k, text in texts.items()]
+    return ", ".join(shown if len(shown) <= most else [*shown[:most - 2], "...", shown[-1]])
 
 
 def legend(rows: list[Row], eval_pattern: str | None) -> str:
@@ -761,7 +761,7 @@ def row_record(row: Row, keys: list[str]) -> dict[str, object]:
         "tasks_per_second_logged": all(r.tasks_per_second_logged for r in row.runs),
         "best_val": {**estimate_record(row.best_val, spread), "iteration": None if row.grouped else run.validation.best_iteration},
         "test": estimate_record(row.test, spread),
-        "test_by_inner_step": [{"inner_steps": k, **estimate_record(e, spread)} for k, e in enumerate(row.test_by_inner_step)],
+        "test_by_inner_step": [{"inner_steps": k, **estimate_record(e, spread)} for k, e in row.test_by_inner_step.items()],
         "test_on": None if run.test.episodes is None else vars(run.test.episodes),
     }
     if not row.grouped:
@@ -832,7 +832,7 @@ def curves_text(run: Run, every: int = 1) -> str:
     if test.by_inner_step:
         source = f" ({test.episodes.eval_file})" if test.episodes and test.episodes.eval_file else ""
         lines += ["", f"| inner steps at test | meta-test {metric}{source} | 95% CI |", "|---:|---:|---:|"]
-        lines += [f"| {k} | {metric_text(e.mean, metric)} | {metric_text(e.spread, metric)} |" for k, e in enumerate(test.by_inner_step)]
+        lines += [f"| {k} | {metric_text(e.mean, metric)} | {metric_text(e.spread, metric)} |" for k, e in test.by_inner_step.items()]
     else:
         lines += ["", "(no meta-test yet: the run has not finished)"]
     if test.by_presentation:
@@ -899,13 +899,14 @@ def write_plots(runs: list[Run], folder: Path) -> list[Path]:
             ax.legend(fontsize="small" if len(chosen) <= 4 else "x-small")
         save(figure, "validation.png")
 
-    def series_figure(chosen: list[Run], values_of: Callable[[TestResult], list[Estimate]], title: str, xlabel: str, first: int,
+    def series_figure(chosen: list[Run], values_of: Callable[[TestResult], dict[int, Estimate]], title: str, xlabel: str,
                       name: str) -> None:
         figure, axes, names = panels(title, chosen)
         for run in chosen:
             ax, (scale, ytitle) = axes[run.metric], metric_axis(run.metric)
-            values = values_of(run.test)
-            ax.errorbar(range(first, first + len(values)), [e.mean * scale for e in values],
+            points = values_of(run.test)
+            values = list(points.values())
+            ax.errorbar(list(points), [e.mean * scale for e in values],
                         yerr=[0.0 if math.isnan(e.spread) else e.spread * scale for e in values],
                         marker="o", markersize=4, capsize=3, color=colours[id(run)], label=names[id(run)])
             ax.set_xlabel(xlabel)
@@ -917,12 +918,12 @@ def write_plots(runs: list[Run], folder: Path) -> list[Path]:
 
     stepped = [r for r in runs if len(r.test.by_inner_step) > 1]
     if stepped:
-        series_figure(stepped, lambda test: test.by_inner_step, "Meta-test by inner step (95% CI)", "inner steps at test", 0,
+        series_figure(stepped, lambda test: test.by_inner_step, "Meta-test by inner step (95% CI)", "inner steps at test",
                       "test_by_inner_step.png")
     presented = [r for r in runs if r.test.by_presentation]
     if presented:
-        series_figure(presented, lambda test: test.by_presentation, "Accuracy by presentation (95% CI)", "presentation of the class", 1,
-                      "by_presentation.png")
+        series_figure(presented, lambda test: dict(enumerate(test.by_presentation, start=1)), "Accuracy by presentation (95% CI)",
+                      "presentation of the class", "by_presentation.png")
     return written
 
 

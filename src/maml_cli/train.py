@@ -38,7 +38,7 @@ from maml_cli.build import (build_algorithm, build_model, build_optimizer, build
                             typed_keys, unflatten, validate)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
-from maml_cli.loop import MetaTrainer, TaskThreads, by_presentation
+from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation
 from maml_cli.run_lock import run_lock
 from maml_cli.suggest import explain_config_error
 from maml_cli.tasks import TASK_KINDS
@@ -185,7 +185,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size, log_every=cfg.log_every,
         val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress and ranks.main,
-        scheduler=scheduler, grad_clip=algorithm.grad_clip, patience=cfg.patience,
+        scheduler=scheduler, grad_clip=algorithm.grad_clip, patience=cfg.patience, score_every=cfg.score_every,
         threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device),
         resume_hint=f"maml-train {resume_override(run_dir)}", ranks=ranks,
     )
@@ -218,10 +218,11 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         writer.close()
         if trainer.threads is not None:
             trainer.threads.close()
-    for inner_step, step_results in enumerate(results):
+    for inner_step, step_results in results.items():
         value, ci = step_results[metric]
         log.info("meta-test %s after %d inner step(s): %.4f +- %.4f (95%% CI, %d tasks)", metric, inner_step, value, ci, cfg.test_tasks)
-    for name, series in by_presentation(results[-1]).items():
+    final = after_last_step(results)
+    for name, series in by_presentation(final).items():
         log.info("meta-test %s by presentation index: %s", name,
                  ", ".join(f"{index}: {value:.4f} +- {ci:.4f}" for index, (value, ci) in sorted(series.items())))
     tested = run_dir / trainer.tested_checkpoint
@@ -232,7 +233,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
                  run_dir / "best.pt")
     log.info("run directory: %s", run_dir)
     log.info("curves: tensorboard --logdir %s", shlex.quote(str(outputs_folder(run_dir))))
-    value = trainer.last_validation if trainer.last_validation is not None else results[-1][metric][0]
+    value = trainer.last_validation if trainer.last_validation is not None else final[metric][0]
     if not math.isfinite(value):  # a diverged run: the worst value, which a search can rank (Optuna refuses nan)
         log.warning("the final meta-validation %s is %s; a sweeper is told %s, the worst value", metric, value,
                     "-inf" if tasks.kind.higher_is_better else "inf")

@@ -1,7 +1,7 @@
 """The algorithm contract: what the training and evaluation loops may call, written down once."""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal, Optional, Protocol, Union
+from typing import Callable, Collection, Iterator, Literal, Optional, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -70,9 +70,11 @@ class _AlgorithmCommon(Protocol):
         itself, or a copy with its annealed settings (MAML++'s step weights and derivative order)."""
         ...
 
-    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
-        """Query metrics of each episode, ``(len(episodes),)`` per metric, one dict per adaptation step
-        (after 0, 1, ... inner steps; a single dict for algorithms that do not adapt by gradient steps)."""
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
+                 score_every: Optional[int] = 1) -> dict[int, Metrics]:
+        """Query metrics of each episode, ``(len(episodes),)`` per metric, keyed by the inner steps taken before
+        scoring: the steps of :func:`scored_steps` (``score_every``; the last one always) for an algorithm with an
+        inner loop, ``{0: ...}`` for one that does not adapt by gradient steps (which ignores ``score_every``)."""
         ...
 
     def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
@@ -158,17 +160,35 @@ def each_episode(task_loss: Callable[[Forward, Params, Episode, Objective], tupl
     return torch.stack([loss for loss, _ in results]), stack_metrics([metrics for _, metrics in results])
 
 
-def each_episode_by_step(task_evaluate: Callable[[Forward, Params, Episode, Objective], list[Metrics]], forward: Forward,
-                         params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
-    """``evaluate`` of an algorithm that works one task at a time: ``task_evaluate`` (metrics after each adaptation
-    step) of each episode, stacked step by step."""
-    per_episode = [task_evaluate(forward, params, episode, objective) for episode in episodes]
-    return [stack_metrics([steps[k] for steps in per_episode]) for k in range(len(per_episode[0]))]
+def each_episode_by_step(task_evaluate: Callable[[Forward, Params, Episode, Objective, Optional[int]], dict[int, Metrics]],
+                         forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
+                         score_every: Optional[int]) -> dict[int, Metrics]:
+    """``evaluate`` of an algorithm that works one task at a time: ``task_evaluate`` (metrics after each scored
+    adaptation step) of each episode, stacked step by step."""
+    per_episode = [task_evaluate(forward, params, episode, objective, score_every) for episode in episodes]
+    return {k: stack_metrics([steps[k] for steps in per_episode]) for k in per_episode[0]}
 
 
-def scored(predictors: Iterator[Predictor], query_x: Tensor, query_y: Tensor, objective: Objective) -> list[Metrics]:
-    """The query metrics of each predictor of :meth:`adaptations` in turn: one task's metrics after each step."""
-    return [objective(predict(query_x), query_y)[1] for predict in predictors]
+def scored_steps(last_step: int, score_every: Optional[int]) -> set[int]:
+    """The inner steps after which evaluation scores the query set: 0, ``score_every``, 2 ``score_every``, ... and
+    ``last_step``; only ``last_step`` when ``score_every`` is None (meta-validation, which reads that one alone).
+
+    Raises:
+        ValueError: ``score_every`` is below 1.
+    """
+    if score_every is None:
+        return {last_step}
+    if score_every < 1:
+        raise ValueError(f"score_every must be 1 or more (got {score_every})")
+    return {*range(0, last_step + 1, score_every), last_step}
+
+
+def scored(predictors: Iterator[Predictor], query_x: Tensor, query_y: Tensor, objective: Objective,
+           steps: Collection[int]) -> dict[int, Metrics]:
+    """One task's query metrics after each of ``steps`` inner steps, keyed by step. Every predictor of
+    :meth:`adaptations` is drawn, since drawing the next one takes the next step; only those of ``steps`` predict,
+    because scoring the query set costs more than a step on the support set."""
+    return {k: objective(predict(query_x), query_y)[1] for k, predict in enumerate(predictors) if k in steps}
 
 
 def stack_metrics(per_episode: list[Metrics]) -> Metrics:

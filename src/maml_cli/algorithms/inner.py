@@ -21,7 +21,8 @@ from typing import Callable, Collection, Iterator, Optional, Protocol, Union
 import torch
 from torch import Tensor
 
-from maml_cli.algorithms.base import AlgorithmDefaults, Forward, Metrics, Params, Predictor, each_episode, each_episode_by_step, scored
+from maml_cli.algorithms.base import (AlgorithmDefaults, Forward, Metrics, Params, Predictor, each_episode, each_episode_by_step, scored,
+                                      scored_steps)
 from maml_cli.models import differentiated_twice
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
@@ -225,14 +226,17 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
     def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
         """Predictors of a task's queries after 0, 1, ..., ``test_inner_steps`` inner steps on its support set."""
 
-    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
-        """One task's query metrics after 0, 1, ..., ``test_inner_steps`` inner steps (those of :meth:`adaptations`)."""
-        return scored(self.adaptations(forward, params, episode.support_x, episode.support_y, objective), episode.query_x, episode.query_y, objective)
+    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective,
+                      score_every: Optional[int] = 1) -> dict[int, Metrics]:
+        """One task's query metrics after the :func:`scored_steps` of its ``test_inner_steps`` (those of :meth:`adaptations`)."""
+        return scored(self.adaptations(forward, params, episode.support_x, episode.support_y, objective), episode.query_x, episode.query_y,
+                      objective, scored_steps(self.test_inner_steps, score_every))
 
     def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
         """:meth:`task_loss` of each episode."""
         return each_episode(self.task_loss, forward, params, episodes, objective)
 
-    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
-        """Query metrics of each episode after 0, 1, ..., ``test_inner_steps`` inner steps (:meth:`task_evaluate`)."""
-        return each_episode_by_step(self.task_evaluate, forward, params, episodes, objective)
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
+                 score_every: Optional[int] = 1) -> dict[int, Metrics]:
+        """Query metrics of each episode after the scored inner steps (:meth:`task_evaluate`)."""
+        return each_episode_by_step(self.task_evaluate, forward, params, episodes, objective, score_every)

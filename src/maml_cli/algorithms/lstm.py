@@ -228,11 +228,12 @@ class RecurrentMetaLearner(AlgorithmDefaults):
         """The loss of each episode's scored outputs; the meta-gradient flows through the whole sequence."""
         return self._score(forward, params, episodes, objective)
 
-    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
-        """Metrics of each episode; a single entry, since the learning happens inside the forward pass."""
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
+                 score_every: Optional[int] = 1) -> dict[int, Metrics]:
+        """Metrics of each episode; a single entry (step 0; ``score_every`` does not apply), since the learning happens inside the forward pass."""
         with torch.no_grad():
             _, metrics = self._score(forward, params, episodes, objective)
-        return [metrics]
+        return {0: metrics}
 
 
 register_algorithm("lstm", LSTMConfig, RecurrentMetaLearner)

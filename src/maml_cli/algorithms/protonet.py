@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +117,12 @@ class ProtoNet(AlgorithmDefaults):
         """:meth:`task_loss` of each episode."""
         return each_episode(self.task_loss, forward, params, episodes, objective)
 
-    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
-        """Query metrics of each episode; a single entry, since there is no adaptation step."""
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
+                 score_every: Optional[int] = 1) -> dict[int, Metrics]:
+        """Query metrics of each episode; a single entry (step 0; ``score_every`` does not apply), since there is no adaptation step."""
         with torch.no_grad():
             _, metrics = self.meta_loss(forward, params, episodes, objective)
-        return [metrics]
+        return {0: metrics}
 
 
 register_algorithm("protonet", ProtoNetConfig, ProtoNet)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from maml_cli.algorithms.base import (AlgorithmDefaults, Forward, Metrics, OuterSchedule, Params, Predictor, each_episode_by_step, scored,
-                                     stack_metrics)
+                                     scored_steps, stack_metrics)
 from maml_cli.algorithms.inner import SGD, Adam, InnerOptimizer, inner_step, predictor
 from maml_cli.algorithms.registry import InnerLoopConfig, at_least, register_algorithm
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
@@ -147,12 +147,15 @@ class Reptile(AlgorithmDefaults):
         summed = {n: torch.stack([direction[n] for direction, _ in results]).sum(dim=0) for n in params}
         return summed, stack_metrics([metrics for _, metrics in results])
 
-    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> list[Metrics]:
-        """Query metrics after 0, 1, ..., ``test_inner_steps`` steps on the support set."""
-        return each_episode_by_step(self.task_evaluate, forward, params, episodes, objective)
+    def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
+                 score_every: Optional[int] = 1) -> dict[int, Metrics]:
+        """Query metrics after the scored steps (:func:`scored_steps`) of ``test_inner_steps`` on the support set."""
+        return each_episode_by_step(self.task_evaluate, forward, params, episodes, objective, score_every)
 
-    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective) -> list[Metrics]:
-        return scored(self.adaptations(forward, params, episode.support_x, episode.support_y, objective), episode.query_x, episode.query_y, objective)
+    def task_evaluate(self, forward: Forward, params: Params, episode: Episode, objective: Objective,
+                      score_every: Optional[int] = 1) -> dict[int, Metrics]:
+        return scored(self.adaptations(forward, params, episode.support_x, episode.support_y, objective), episode.query_x, episode.query_y,
+                      objective, scored_steps(self.test_inner_steps, score_every))
 
     def adaptations(self, forward: Forward, params: Params, support_x: Tensor, support_y: Tensor, objective: Objective) -> Iterator[Predictor]:
         """The weights after 0, 1, ..., ``test_inner_steps`` steps on mini-batches of ``test_inner_batch`` support examples."""
