@@ -201,9 +201,16 @@ def test_score_every_scores_the_final_test_and_maml_eval_after_every_kth_inner_s
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main([f"checkpoint={run / 'last.pt'}", "score_every=0"])
     assert exit_info.value.code == 2 and "score_every must be at least 1" in capsys.readouterr().err
-    # Typed on a resume, it is taken (the learned weights do not depend on it).
+    # Typed on a resume, it is taken (the learned weights do not depend on it); maml-results reads the resumed run's
+    # own final test, not the steps the interrupted run's test scored besides (4 and 8).
     run_in_process("maml-train", [*SINE, "iterations=5", "score_every=5", f"resume={run}"], cwd=tmp_path)
     assert [s for s, _ in read_scalars(run)["test/mse_by_inner_step"]][-3:] == [0, 5, 10]
+    capsys.readouterr()
+    results.main([str(run), "--format", "json"])
+    (record,) = json.loads(capsys.readouterr().out)["runs"]
+    assert [row["inner_steps"] for row in record["test_by_inner_step"]] == [0, 5, 10]
+    results.main([str(run), "--format", "csv"])
+    assert "test_by_inner_step.5.mean" in capsys.readouterr().out.splitlines()[0]  # columns named by inner step
 
 
 def test_without_the_progress_bar_the_log_shows_each_validation_and_the_time_to_go(tmp_path):
@@ -360,6 +367,9 @@ def test_protonet_scores_any_way_from_one_checkpoint_and_maml_refuses(tmp_path, 
     assert no_inner_loop.returncode == 2 and "test_inner_steps does not apply to ProtoNet" in no_inner_loop.stderr
     no_steps = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}", "score_every=2"], cwd=tmp_path, check=False)
     assert no_steps.returncode == 2 and "score_every does not apply to ProtoNet" in no_steps.stderr
+    # On a resume too, judged by the run's own algorithm (the command's default is MAML, which has an inner loop).
+    resumed = run_in_process("maml-train", [f"resume={run}", "score_every=2"], cwd=tmp_path, check=False)
+    assert resumed.returncode == 2 and "score_every does not apply to the resumed run's algorithm (protonet)" in resumed.stderr
     (tmp_path / "m").mkdir()
     run_in_process("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "m")
     refused = run_in_process("maml-eval", [f"checkpoint={only_run(tmp_path / 'm') / 'last.pt'}", "way=5"], cwd=tmp_path, check=False)

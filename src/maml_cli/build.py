@@ -245,11 +245,12 @@ def dataset_name(cfg: DictConfig) -> str:
 INNER_LOOP_KEYS = ("inner_lr", "inner_steps", "test_inner_steps", "score_every")
 
 
-def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: list[str] | None = None) -> None:
+def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: list[str] | None = None, resumed: bool = False) -> None:
     """Refuse inner-loop keys typed for an algorithm without an inner loop, so that a sweep over them is not a silent no-op.
 
     Args:
         overrides: the run's own overrides (``inner_steps=3``).
+        resumed: ``cfg`` is a resumed run's config, whose algorithm the command did not choose.
         sweep: in a multirun, the overrides as typed (``algo=maml,protonet``, ``inner_steps=1,3``).
             A single inner-loop value is then allowed when ``algo`` is swept too, because it is
             meant for the members that have an inner loop; a swept inner-loop key never is.
@@ -283,6 +284,11 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
                         raise UserError(f"{key} is swept, but it does not apply to algo={','.join(lacking)}, which has no inner loop; "
                                         f"sweep {key} in a separate multirun with the algorithms that have one (a sweep over it "
                                         f"would train the same model again).")
+    if unused and resumed:
+        entry = registered_by_target(cfg.algo._target_)
+        raise UserError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to the resumed run's algorithm "
+                        f"({entry.name if entry is not None else cfg.algo._target_}), which has no inner loop; remove "
+                        f"{' and '.join(f'{k}=...' for k in unused)} from the resume command.")
     if unused:
         raise UserError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to algo={algorithm_name(cfg)}, "
                         f"which has no inner loop; remove {' and '.join(f'{k}=...' for k in unused)} from the command "

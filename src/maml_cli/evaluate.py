@@ -15,7 +15,8 @@ regression) after each number of inner steps (one row for algorithms without an
 inner loop; with ``score_every=K``, after every K-th step and the last, which saves most of the time of a long
 inner loop such as Reptile's 50 steps), and by presentation index for a sequence-trained LSTM, and writes
 the same tables as JSON next to the checkpoint, in a file whose name records the
-settings the numbers depend on (never over another evaluation's), or to output=. ``way`` may differ from the
+settings the numbers depend on (``_every<K>`` for a ``score_every`` other than 1; never over another
+evaluation's), or to output=. ``way`` may differ from the
 run's only for algorithms whose network has no fixed number of outputs
 (ProtoNet: a model trained on 60-way episodes scores 5-way and 20-way ones).
 

@@ -377,6 +377,14 @@ def series(scalars: dict[str, list[Point]], tag: str) -> dict[int, float]:
     return {p.step: p.value for p in scalars.get(tag, [])}
 
 
+def last_test(points: list[Point]) -> list[Point]:
+    """The points of a by-step test series written by the run's last meta-test. Each test writes its steps in increasing
+    order, and a resumed run's test follows the interrupted run's own: its series starts where the steps go back down
+    (the earlier test may have scored other steps, with another ``score_every``)."""
+    starts = [i for i in range(1, len(points)) if points[i].step <= points[i - 1].step]
+    return points[starts[-1]:] if starts else points
+
+
 def read_validation(scalars: dict[str, list[Point]], metric: str | None) -> Validation:
     """The meta-validation curve and its best point (``val/best_<metric>``, else the best of the curve)."""
     values, cis = series(scalars, f"val/{metric}"), series(scalars, f"val/{metric}_ci95")
@@ -401,8 +409,8 @@ def read_test(scalars: dict[str, list[Point]], metric: str | None, config: dict[
         return TestResult()
 
     def estimates(name: str) -> dict[int, Estimate]:
-        cis = series(scalars, f"test/{metric}_ci95_{name}")
-        return {step: Estimate(v, cis.get(step, math.nan)) for step, v in sorted(series(scalars, f"test/{metric}_{name}").items())}
+        values, cis = ({p.step: p.value for p in last_test(scalars.get(tag, []))} for tag in (f"test/{metric}_{name}", f"test/{metric}_ci95_{name}"))
+        return {step: Estimate(v, cis.get(step, math.nan)) for step, v in sorted(values.items())}
 
     episodes = TestEpisodes(*(number(config.get(k)) for k in ("test_tasks", "way", "shot", "query"))) if config else None
     return TestResult(Estimate(final[-1].value, final_ci.get(final[-1].step, math.nan)), estimates("by_inner_step"),
@@ -770,13 +778,14 @@ def row_record(row: Row, keys: list[str]) -> dict[str, object]:
 
 
 def csv_text(records: list[dict[str, object]]) -> str:
-    """Nested fields become columns (``test.mean``, ``test_by_inner_step.2.ci95``), lists are joined with ``;``."""
+    """Nested fields become columns (``test.mean``, ``test_by_inner_step.2.ci95``: after 2 inner steps, whichever steps
+    were scored), lists are joined with ``;``."""
 
     def flat(value: object, prefix: str) -> dict[str, object]:
         if isinstance(value, dict):
             return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
         if isinstance(value, list) and value and isinstance(value[0], dict):
-            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}{i}.").items()}
+            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}{item.get('inner_steps', i)}.").items()}
         if isinstance(value, list):
             value = ";".join("" if v is None else str(v) for v in value)
         return {prefix[:-1]: value}

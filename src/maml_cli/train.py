@@ -161,6 +161,8 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
     if cfg.resume:
         resume_state = load_resume_state(Path(cfg.resume))
         cfg = resumed_config(cfg, resume_state, overrides)
+        # Judged again against the run's own algorithm: the check before it saw the resume command's default one.
+        check_inner_loop_overrides(cfg, overrides, resumed=True)
     set_up_cpu(cfg.threads, cfg.keep_freed_memory)
     device = distributed.device_of(resolve_device(cfg.device), ranks)
     torch.manual_seed(cfg.seed)
