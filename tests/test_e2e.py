@@ -213,6 +213,21 @@ def test_score_every_scores_the_final_test_and_maml_eval_after_every_kth_inner_s
     assert "test_by_inner_step.5.mean" in capsys.readouterr().out.splitlines()[0]  # columns named by inner step
 
 
+def test_an_algorithm_with_recipes_for_other_datasets_warns_that_it_runs_with_the_datasets_maml_settings(tmp_path):
+    # Reptile's recipe (SGD outer steps of 1, inner Adam at 1e-3, ...) exists for Omniglot and miniImageNet only.
+    result = run_in_process("maml-train", [*SINE, "algo=reptile", "iterations=1"], cwd=tmp_path)
+    log = result.stdout + result.stderr
+    assert "algo=reptile has its own settings for dataset=miniimagenet,omniglot (conf/algo_dataset), not for dataset=sinusoid" in log
+    assert "inner_lr=0.01" in log and "outer optimizer Adam with outer_lr=0.001" in log
+    # MAML has no recipe files (the datasets' settings are its own); Reptile on Omniglot has its recipe: no warning.
+    plain = run_in_process("maml-train", [*SINE, "iterations=1", "seed=1"], cwd=tmp_path)
+    assert "has its own settings" not in plain.stdout + plain.stderr
+    from maml_cli.build import datasets_with_own_settings, without_own_settings
+    from test_config import compose_config
+    assert without_own_settings(compose_config(["algo=reptile"]), "reptile", "omniglot") is None
+    assert datasets_with_own_settings("mamlpp") == ["miniimagenet", "omniglot"] and datasets_with_own_settings("maml") == []
+
+
 def test_without_the_progress_bar_the_log_shows_each_validation_and_the_time_to_go(tmp_path):
     result = run_in_process("maml-train", SINE, cwd=tmp_path)  # SINE: progress=false, val_every=2, iterations=4
     lines = [line for line in (result.stdout + result.stderr).splitlines() if ": meta-validation mse " in line]

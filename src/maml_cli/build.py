@@ -295,6 +295,28 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
                         f"(a sweep over {'it' if len(unused) == 1 else 'them'} would train the same model again).")
 
 
+def datasets_with_own_settings(algo: str) -> list[str]:
+    """The datasets for which ``algo=<algo>`` has its own recipe (``conf/algo_dataset/<algo>_<dataset>.yaml``: Reptile's
+    optimizers and steps, MAML++'s steps and meta-batch), in name order; on any other dataset it takes the dataset's
+    settings, which are MAML's."""
+    folder = Path(config_dir())
+    return sorted(path.stem.removeprefix(f"{algo}_") for path in (folder / "algo_dataset").glob(f"{algo}_*.yaml")
+                  if (folder / "dataset" / f"{path.stem.removeprefix(f'{algo}_')}.yaml").is_file())
+
+
+def without_own_settings(cfg: DictConfig, algo: str, dataset: str) -> str | None:
+    """What a run of ``algo`` on ``dataset`` should be told when the algorithm has recipes for other datasets but not
+    this one (None otherwise): it runs with the dataset's MAML settings, which the message lists."""
+    own = datasets_with_own_settings(algo)
+    if not own or dataset in own:
+        return None
+    return (f"algo={algo} has its own settings for dataset={','.join(own)} (conf/algo_dataset), not for dataset={dataset}: what the "
+            f"command does not set comes from the dataset's MAML settings (this run: inner_lr={cfg.inner_lr}, inner_steps={cfg.inner_steps}, test_inner_steps="
+            f"{cfg.test_inner_steps}, meta_batch_size={cfg.meta_batch_size}, outer optimizer {cfg.optimizer._target_.rsplit('.', 1)[-1]} "
+            f"with outer_lr={cfg.outer_lr}). Type the algorithm's own to follow its recipe (the presets "
+            f"experiment={algo}_{own[0]}_* show it on {own[0]}).")
+
+
 def experiment_algorithm(name: str) -> str | None:
     """The ``algo`` that preset ``experiment=<name>`` chooses (its ``override /algo: <algo>`` default); None when it
     chooses none, or there is no such preset (Hydra reports that itself)."""

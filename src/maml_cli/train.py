@@ -34,8 +34,8 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from maml_cli import config as config_module
 from maml_cli import distributed
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
-                            check_inner_loop_overrides, check_one_schedule, flatten, hparams, resolve_device, resume_config, settle_model_choices,
-                            typed_keys, unflatten, validate)
+                            algorithm_name, check_inner_loop_overrides, check_one_schedule, dataset_name, flatten, hparams, resolve_device, resume_config, settle_model_choices,
+                            typed_keys, unflatten, validate, without_own_settings)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
 from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation
@@ -150,6 +150,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str]
     validate(cfg)
     distributed.check_meta_batch(cfg.meta_batch_size, ranks)
     check_inner_loop_overrides(cfg, overrides, sweep)
+    if ranks.main and not cfg.resume:  # a resumed run keeps its own settings, whatever the command's defaults
+        gap = without_own_settings(cfg, algorithm_name(cfg), dataset_name(cfg))
+        if gap:
+            log.warning("%s", gap)
     with run_lock(run_dir) if ranks.main else contextlib.nullcontext():
         return _train(cfg, run_dir, overrides, ranks)
 
