@@ -333,3 +333,17 @@ def test_the_hyperparameter_search_config_searches_the_inner_loop_and_maximises_
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["hparams_search=maml_omniglot"], return_hydra_config=True)
     assert cfg.hydra.sweeper.direction == "maximize" and set(cfg.hydra.sweeper.params) == {"inner_lr", "outer_lr", "inner_steps"}
+
+
+def test_run_names_leave_out_exactly_the_keys_that_do_not_change_what_a_run_learns():
+    # conf/config.yaml lists them by hand (YAML cannot read build.py's tuples): a key added to one list and not the
+    # other would name runs by where they ran, or hide a setting that matters.
+    from omegaconf import OmegaConf
+    from maml_cli.build import MACHINE_KEYS, RESUME_FREE_KEYS
+    excluded = set(OmegaConf.load(CONF / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    assert set(MACHINE_KEYS) <= excluded
+    # Resume-free but in the name: how long it ran, when it stops early, and two settings a name may as well show.
+    assert RESUME_FREE_KEYS - excluded == {"iterations", "patience", "dataset.download", "model.channels_last"}
+    # Left out of the name although a resume may not change it: the folder of the split's class lists, a path a name
+    # should not carry (a resume refuses another folder, whose lists could hold other classes).
+    assert excluded - RESUME_FREE_KEYS == {"dataset.split_dir"}
