@@ -250,10 +250,10 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
 
     Args:
         overrides: the run's own overrides (``inner_steps=3``).
-        resumed: ``cfg`` is a resumed run's config, whose algorithm the command did not choose.
         sweep: in a multirun, the overrides as typed (``algo=maml,protonet``, ``inner_steps=1,3``).
             A single inner-loop value is then allowed when ``algo`` is swept too, because it is
             meant for the members that have an inner loop; a swept inner-loop key never is.
+        resumed: ``cfg`` is a resumed run's config, whose algorithm the command did not choose.
     """
     typed = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
     unused = [key for key in INNER_LOOP_KEYS if key in typed and not has_inner_loop(cfg)]
