@@ -226,6 +226,7 @@ def test_an_algorithm_with_recipes_for_other_datasets_warns_that_it_runs_with_th
     from test_config import compose_config
     assert without_own_settings(compose_config(["algo=reptile"]), "reptile", "omniglot") is None
     assert datasets_with_own_settings("mamlpp") == ["miniimagenet", "omniglot"] and datasets_with_own_settings("maml") == []
+    assert without_own_settings(compose_config(["algo=lstm"]), "lstm", "omniglot") is None  # lstm_sinusoid is no recipe of rates
 
 
 def test_without_the_progress_bar_the_log_shows_each_validation_and_the_time_to_go(tmp_path):

@@ -296,9 +296,12 @@ def check_inner_loop_overrides(cfg: DictConfig, overrides: list[str], sweep: lis
 
 
 def datasets_with_own_settings(algo: str) -> list[str]:
-    """The datasets for which ``algo=<algo>`` has its own recipe (``conf/algo_dataset/<algo>_<dataset>.yaml``: Reptile's
-    optimizers and steps, MAML++'s steps and meta-batch), in name order; on any other dataset it takes the dataset's
-    settings, which are MAML's."""
+    """The datasets for which ``algo=<algo>``, an algorithm with an inner loop, has its own recipe
+    (``conf/algo_dataset/<algo>_<dataset>.yaml``: Reptile's optimizers and steps, MAML++'s steps and meta-batch), in name
+    order; on any other dataset it takes the dataset's settings, which are MAML's. Empty for an algorithm without an
+    inner loop (``lstm_sinusoid`` adapts the LSTM's input to regression; it is not a recipe of steps and rates)."""
+    if not choice_has_inner_loop(algo):
+        return []
     folder = Path(config_dir())
     return sorted(path.stem.removeprefix(f"{algo}_") for path in (folder / "algo_dataset").glob(f"{algo}_*.yaml")
                   if (folder / "dataset" / f"{path.stem.removeprefix(f'{algo}_')}.yaml").is_file())
@@ -329,7 +332,7 @@ def experiment_algorithm(name: str) -> str | None:
 
 
 def has_inner_loop(cfg: DictConfig) -> bool:
-    """Whether the configured algorithm declares an inner loop (so ``inner_lr``, ``inner_steps``, ``test_inner_steps`` apply)."""
+    """Whether the configured algorithm declares an inner loop (so :data:`INNER_LOOP_KEYS` apply)."""
     entry = registered_by_target(cfg.algo._target_)
     return entry.inner_loop if entry is not None else "inner_steps" in cfg.algo
 

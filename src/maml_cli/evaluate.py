@@ -12,8 +12,8 @@ Usage::
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
 regression) after each number of inner steps (one row for algorithms without an
-inner loop; with ``score_every=K``, after every K-th step and the last, which saves most of the time of a long
-inner loop such as Reptile's 50 steps), and by presentation index for a sequence-trained LSTM, and writes
+inner loop; with ``score_every=K``, the run's own unless typed, after every K-th step and the last, which saves most
+of the time of a long inner loop such as Reptile's 50 steps), and by presentation index for a sequence-trained LSTM, and writes
 the same tables as JSON next to the checkpoint, in a file whose name records the
 settings the numbers depend on (``_every<K>`` for a ``score_every`` other than 1; never over another
 evaluation's), or to output=. ``way`` may differ from the

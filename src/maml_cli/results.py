@@ -280,7 +280,7 @@ def read_events(run_dir: Path) -> EventData:
 def read_config(run_dir: Path) -> tuple[dict[str, ConfigValue], str | None]:
     """The run's ``config.yaml`` flattened to dotted keys, and what is wrong with it (None when it reads).
 
-    The inner-loop keys (``inner_lr``, ``inner_steps``, ``test_inner_steps``) are left out for an algorithm
+    The inner-loop keys (``inner_lr``, ``inner_steps``, ``test_inner_steps``, ``score_every``) are left out for an algorithm
     without an inner loop: they are in its config but do not apply, so they tell no runs apart.
     """
     path = run_dir / "config.yaml"
@@ -863,7 +863,7 @@ def write_plots(runs: list[Run], folder: Path) -> list[Path]:
     """Write PNG figures of ``runs`` to ``folder`` and return their paths.
 
     ``validation.png``: every run's meta-validation curve with its 95% CI band; ``test_by_inner_step.png``
-    (when a run has more than one inner step): the meta-test after each inner step; ``by_presentation.png``
+    (when a run has more than one inner step): the meta-test after each scored inner step; ``by_presentation.png``
     (when a run has presentation scalars): accuracy by presentation index for the LSTM's sequence protocol.
     In each figure the runs are labelled by the config keys that tell its runs apart.
     """

@@ -53,7 +53,7 @@ class ANIL(TaskByTaskInnerLoop):
     Args:
         inner_lr: step size of the head's inner loop.
         inner_steps: inner steps during meta-training.
-        test_inner_steps: inner steps at meta-validation and meta-test (metrics after each).
+        test_inner_steps: inner steps at meta-validation and meta-test (metrics after the scored ones).
         first_order: drop the second-order terms of the meta-gradient.
 
     Example:

@@ -199,7 +199,7 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
     Args:
         inner_lr: step size of the inner loop (where learned rates start).
         inner_steps: inner steps during meta-training.
-        test_inner_steps: inner steps at meta-validation and meta-test; metrics are reported after each.
+        test_inner_steps: inner steps at meta-validation and meta-test; metrics are reported after the scored ones.
         first_order: drop the second-order terms of the meta-gradient.
     """
 

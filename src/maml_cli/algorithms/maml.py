@@ -32,8 +32,8 @@ class MAML(TaskByTaskInnerLoop):
     Args:
         inner_lr: step size of the inner loop (alpha in the paper).
         inner_steps: inner steps during meta-training.
-        test_inner_steps: inner steps at meta-validation and meta-test; metrics are
-            reported after each of 0, 1, ..., ``test_inner_steps`` steps.
+        test_inner_steps: inner steps at meta-validation and meta-test; :meth:`evaluate` reports metrics after
+            those of 0, 1, ..., ``test_inner_steps`` its ``score_every`` selects.
         first_order: drop the second-order terms of the meta-gradient (FOMAML).
 
     Example:
