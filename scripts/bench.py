@@ -8,9 +8,11 @@ Usage:
     python scripts/bench.py --startup --data-root ~/.cache/maml-cli   # seconds from launch to the first step
 
 For each setting and implementation it prints the median seconds per meta-step, tasks per
-second, peak memory, how many times slower the implementation is than maml-cli, and the
-relative difference of its meta-gradient from the plain loop's, computed in float64 on the
-same tasks from the same initialisation. The script exits with status 1 if a meta-gradient
+second, peak memory, how many times slower the implementation is than maml-cli, the operators
+one meta-step dispatches (views apart: on a GPU each of the others launches at least one kernel,
+and a launch-bound step's time follows their number), and the relative difference of its
+meta-gradient from the plain loop's, computed in float64 on the same tasks from the same
+initialisation. The script exits with status 1 if a meta-gradient
 differs from the loop's by more than ``--tolerance``.
 
 Implementations (``impl`` in the JSON rows):
@@ -57,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from maml_cli.algorithms.anil import ANIL
 from maml_cli.algorithms.lstm import RecurrentMetaLearner
@@ -332,7 +335,8 @@ def loop_reptile(setting: Setting) -> Callable:
         directions = []
         for e in episodes:
             task_model = copy.deepcopy(model)
-            inner = torch.optim.Adam(task_model.parameters(), lr=setting.inner_lr, betas=(0.0, 0.999))
+            # foreach=True: the multi-tensor update torch.optim.Adam takes by default on a GPU, on every device.
+            inner = torch.optim.Adam(task_model.parameters(), lr=setting.inner_lr, betas=(0.0, 0.999), foreach=True)
             order: list[int] = []
             # The draws are seeded by the task's images (CRC-32 of their bytes), as maml-cli's Reptile does.
             draws = torch.Generator().manual_seed(zlib.crc32(e.support_x.detach().cpu().numpy().tobytes()))
@@ -508,6 +512,35 @@ def time_step(step: Callable, model: torch.nn.Module, episodes: list[Episode], d
     return time.perf_counter() - start
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators dispatched in this thread while active, those that return a view apart (a view launches no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators = 0
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            self.views += 1
+        else:
+            self.operators += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_step(setting: Setting, impl: str, device: torch.device, dtype: torch.dtype) -> int | None:
+    """Operators other than views that one meta-step dispatches, counted at the dispatcher on a fresh model (the count
+    is the same on every device, up to operators a device decomposes differently); ``None`` for an implementation whose
+    tasks run in other threads, which the count does not see."""
+    if impl == TWO_AT_ONCE:
+        return None
+    step = MAKERS[impl](setting)
+    model, episodes = make_model(setting, dtype, device, impl=impl), make_episodes(setting, dtype, device)
+    with OperatorCount() as count:
+        step(model, episodes)
+    return count.operators
+
+
 def data_seconds(setting: Setting, device: torch.device, repeats: int) -> float:
     """Median seconds to draw one meta-batch the way maml-train does, from Omniglot-sized images on the device."""
     sampler, generator = make_sampler(setting, device), torch.Generator().manual_seed(1)
@@ -533,7 +566,7 @@ def time_setting(setting: Setting, impls: list[str], device: torch.device, dtype
     rows, runners = {}, {}
     for impl in impls:
         rows[impl] = {"setting": setting.name, "impl": impl, "seconds_per_step": None, "tasks_per_second": None,
-                      "peak_mib": None, "grad_rel_diff": None}
+                      "peak_mib": None, "operators_per_step": None, "grad_rel_diff": None}
         try:
             runners[impl] = (MAKERS[impl](setting), make_model(setting, dtype, device, impl=impl), make_episodes(setting, dtype, device))
         except Skip as why:
@@ -548,7 +581,8 @@ def time_setting(setting: Setting, impls: list[str], device: torch.device, dtype
     reference = meta_gradient(setting, "loop", device, check_tasks) if set(times) - {"fwd+bwd"} else None
     for impl, samples in times.items():
         seconds = sorted(samples)[len(samples) // 2]
-        rows[impl].update(seconds_per_step=seconds, tasks_per_second=setting.meta_batch / seconds)
+        rows[impl].update(seconds_per_step=seconds, tasks_per_second=setting.meta_batch / seconds,
+                          operators_per_step=operators_per_step(setting, impl, device, dtype))
         if impl == "maml-cli":
             rows[impl]["data_seconds"] = data_seconds(setting, device, max(steps, 3))
             rows[impl]["data_fraction"] = rows[impl]["data_seconds"] / (rows[impl]["data_seconds"] + seconds)
@@ -610,7 +644,7 @@ def startup_seconds(data_root: str, device: str) -> list[float]:
 
 # -- the table -----------------------------------------------------------------------------------
 
-TABLE_HEADER = f"{'setting':<16} {'impl':<28} {'s/step':>8} {'tasks/s':>8} {'peak MiB':>9} {'t/maml-cli':>10} {'grad rel diff':>14}  note"
+TABLE_HEADER = f"{'setting':<16} {'impl':<28} {'s/step':>8} {'tasks/s':>8} {'peak MiB':>9} {'t/maml-cli':>10} {'ops/step':>9} {'grad rel diff':>14}  note"
 
 
 def print_table(rows: list[dict[str, Any]], settings: dict[str, Setting], tolerance: float, header: bool = True) -> bool:
@@ -633,8 +667,9 @@ def print_table(rows: list[dict[str, Any]], settings: dict[str, Setting], tolera
             note = f"data {100 * row['data_fraction']:.1f}% of a step" if "data_fraction" in row else ""
             diff_text = "-" if diff is None else f"{diff:.1e} {verdict}"
             peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+            operators = "-" if row["operators_per_step"] is None else str(row["operators_per_step"])
             print(f"{name:<16} {row['impl']:<28} {row['seconds_per_step']:>8.3f} {row['tasks_per_second']:>8.1f} {peak:>9} "
-                  f"{ratio:>10} {diff_text:>14}  {note}")
+                  f"{ratio:>10} {operators:>9} {diff_text:>14}  {note}")
     return ok
 
 

@@ -64,6 +64,24 @@ def test_higher_agrees_with_the_loop_when_installed(bench):
         assert float((theirs - reference).norm() / reference.norm()) < 1e-12
 
 
+@pytest.mark.parametrize("setting", ["a", "b", "c", "anil_a", "anil_b", "metasgd_a", "mamlpp_5w", "reptile_5w", "maml_mini"])
+def test_maml_cli_dispatches_about_the_operators_of_the_plain_loop(bench, setting):
+    # A launch-bound step on a GPU takes the time of the kernels it launches. Beyond the loop's, maml-cli may dispatch
+    # only what the loop leaves out: the query metrics (argmax, comparison, cast, mean) and conv4's channels-last copies
+    # on a CPU per task, and the metric totals once per step. Per-tensor inner updates and per-task stacks exceed this.
+    tiny = bench.QUICK[setting]
+    ours = bench.operators_per_step(tiny, "maml-cli", torch.device("cpu"), torch.float64)
+    loop = bench.operators_per_step(tiny, "loop", torch.device("cpu"), torch.float64)
+    assert loop > 100 and ours <= loop + 8 * tiny.meta_batch + 16, (ours, loop)
+
+
+def test_the_operator_count_sees_every_operator_but_views(bench):
+    with bench.OperatorCount() as count:
+        x = torch.ones(3, 4)
+        (x * 2).view(12).sum().t()
+    assert (count.operators, count.views) == (3, 2)
+
+
 def test_the_check_catches_a_wrong_meta_gradient(bench, monkeypatch):
     # First-order gradients passed off as second-order ones: the row must say so.
     second_order = bench.QUICK["a"]
@@ -82,10 +100,11 @@ def test_quick_run_passes_and_writes_the_json_rows(bench, tmp_path):
     rows = json.loads(out.read_text())
     assert {row["setting"] for row in rows} == set(bench.QUICK)
     for row in rows:
-        assert {"setting", "impl", "seconds_per_step", "tasks_per_second", "peak_mib", "grad_rel_diff"} <= row.keys()
+        assert {"setting", "impl", "seconds_per_step", "tasks_per_second", "peak_mib", "operators_per_step", "grad_rel_diff"} <= row.keys()
         if row.get("skipped"):
             continue
         assert row["seconds_per_step"] > 0 and row["tasks_per_second"] > 0
+        assert row["operators_per_step"] is None if row["impl"] == "maml-cli:tasks_at_once=2" else row["operators_per_step"] > 0
         if row["impl"] != "fwd+bwd":
             assert row["grad_rel_diff"] < max(1e-9, bench.QUICK[row["setting"]].grad_tolerance or 0)
     assert any(row["impl"] == "maml-cli" and 0 < row["data_fraction"] < 1 for row in rows)

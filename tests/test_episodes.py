@@ -1,10 +1,11 @@
-"""The N-way K-shot sampler: distinct classes and images, labels, determinism, impossible requests."""
+"""The N-way K-shot sampler: distinct classes and images, labels, determinism, impossible requests; the objectives that score episodes."""
 import pytest
 import torch
 
 from maml_cli.data.episodes import ClassImageSampler
 from maml_cli.data.sinusoid import SinusoidTasks
 from maml_cli.errors import EpisodeError
+from maml_cli.tasks import classification_objective, regression_objective
 
 
 def labelled_images(n_classes=12, per_class=20):
@@ -103,3 +104,24 @@ def test_sinusoid_tasks_follow_the_distribution_and_reject_way():
         assert x.min() >= -5 and x.max() <= 5 and y.abs().max() <= 5
     with pytest.raises(EpisodeError, match="way must be 1"):
         tasks.sampler("train", way=5, shot=5, query=5)
+
+
+@pytest.mark.parametrize("objective, targets", [
+    (classification_objective, lambda g: torch.randint(0, 5, (3, 7), generator=g)),
+    (regression_objective, lambda g: torch.randn(3, 7, 1, generator=g, dtype=torch.float64)),
+])
+def test_an_objective_scores_one_episode_as_its_row_of_a_stack_and_gives_the_loss_alone_when_asked(objective, targets):
+    # One episode takes the loss's own mean (one kernel fewer on a GPU); it must equal that episode's entry in a stack.
+    g = torch.Generator().manual_seed(0)
+    y = targets(g)
+    predictions = torch.randn(3, 7, 5 if objective is classification_objective else 1, generator=g, dtype=torch.float64)
+    stacked_loss, stacked_metrics = objective(predictions, y)
+    assert stacked_loss.shape == (3,) and all(m.shape == (3,) for m in stacked_metrics.values())
+    for i in range(3):
+        loss, metrics = objective(predictions[i], y[i])
+        torch.testing.assert_close(loss, stacked_loss[i], rtol=1e-14, atol=0)
+        assert metrics.keys() == stacked_metrics.keys()
+        for name, value in metrics.items():
+            torch.testing.assert_close(value, stacked_metrics[name][i], rtol=1e-14, atol=0)
+        loss_alone, none = objective(predictions[i], y[i], metrics=False)
+        assert none == {} and torch.equal(loss_alone, loss)

@@ -187,18 +187,23 @@ def test_reptile_minibatches_cover_every_example_before_any_repeats():
     assert minibatch_indices(10, None, 3) == [None] * 3 and minibatch_indices(10, 10, 2) == [None] * 2
 
 
-def test_reptile_inner_adam_matches_torch_adam_with_beta1_zero():
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_reptile_inner_adam_matches_torch_adam(beta1):
+    # Two tensors of different shapes, as the multi-tensor update takes them; beta1 = 0 (the paper's) carries no first moment.
     torch.manual_seed(0)
-    p = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    reference = p.detach().clone().requires_grad_()
-    optimizer = torch.optim.Adam([reference], lr=0.1, betas=(0.0, 0.999), eps=1e-8)
-    ours, state = {"p": p.detach()}, Adam(0.1).init({"p": p})
+    params = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    references = {n: p.clone().requires_grad_() for n, p in params.items()}
+    optimizer = torch.optim.Adam(references.values(), lr=0.1, betas=(beta1, 0.999), eps=1e-8)
+    rule = Adam(0.1, beta1=beta1)
+    ours, state = dict(params), rule.init(params)
     for step in range(3):
-        g = (step + 1) * torch.arange(4, dtype=torch.float64) - 1
-        ours, state = Adam(0.1).update(step, ours, {"p": g}, state)
-        reference.grad = g.clone()
+        grads = {n: (step + 1) * torch.randn_like(p) - 1 for n, p in params.items()}
+        ours, state = rule.update(step, ours, grads, state)
+        for n, reference in references.items():
+            reference.grad = grads[n].clone()
         optimizer.step()
-    torch.testing.assert_close(ours["p"], reference.detach(), rtol=1e-12, atol=1e-14)
+    for n, reference in references.items():
+        torch.testing.assert_close(ours[n], reference.detach(), rtol=1e-12, atol=1e-14)
 
 
 # -- MAML++ ------------------------------------------------------------------------------------

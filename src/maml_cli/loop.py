@@ -212,22 +212,20 @@ def accumulate_meta_gradient(algorithm: Algorithm, model: nn.Module, episodes: l
     params = dict(model.named_parameters())
     count = mean_over or len(episodes)
     batches = batches_of(episodes, algorithm.episodes_per_call)
-    totals: dict[str, Tensor] = {}
+    # Kept as tensors and summed once at the end: a float() per task would make a GPU wait for every task.
+    collected: dict[str, list[Tensor]] = defaultdict(list)
 
     def add_metrics(metrics: Metrics) -> None:
         for name, values in metrics.items():
-            # Summed as tensors: a float() per task would make a GPU wait for every task.
-            totals[name] = totals[name] + values.sum() if name in totals else values.sum()
+            collected[name].append(values)
 
     if threads is None:
         forward = functional_forward(model)
         for batch in batches:
             if algorithm.outer == "gradient":
                 direction, metrics = algorithm.meta_gradient(forward, params, batch, objective)
-                for name, p in params.items():
-                    if name in direction:
-                        g = direction[name] / count
-                        p.grad = g if p.grad is None else p.grad + g
+                names = [name for name in params if name in direction]
+                add_to_grads([params[n] for n in names], torch._foreach_div([direction[n] for n in names], count))
             else:
                 losses, metrics = algorithm.meta_loss(forward, params, batch, objective)
                 # Backward per call frees its graph at once: memory stays that of one call's episodes.
@@ -238,10 +236,20 @@ def accumulate_meta_gradient(algorithm: Algorithm, model: nn.Module, episodes: l
         for grads, metrics in threads.map(algorithm, params, batches, objective, 1 / count):
             summed = [s if g is None else g if s is None else s + g for s, g in zip(summed, grads)]
             add_metrics(metrics)
-        for p, g in zip(params.values(), summed):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
+        present = [(p, g) for p, g in zip(params.values(), summed) if g is not None]
+        add_to_grads([p for p, _ in present], [g for _, g in present])
+    totals = {name: (torch.cat(values) if len(values) > 1 else values[0]).sum() for name, values in collected.items()}
     return {name: float(total) / count for name, total in totals.items()}
+
+
+def add_to_grads(params: list[nn.Parameter], grads: list[Tensor]) -> None:
+    """``p.grad += g`` for each pair (``p.grad = g`` where it has none), the additions in one multi-tensor operation."""
+    accumulated = [i for i, p in enumerate(params) if p.grad is not None]
+    if accumulated:
+        torch._foreach_add_([params[i].grad for i in accumulated], [grads[i] for i in accumulated])
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g
 
 
 # Metrics of the k-th instance of a class (``accuracy_instance_03``), reported as a series over k.

@@ -6,7 +6,7 @@ from typing import Callable, Collection, Iterator, Literal, Optional, Protocol, 
 import torch
 from torch import Tensor, nn
 
-from maml_cli.tasks import Episode, EpisodeBatch, Objective
+from maml_cli.tasks import Episode, EpisodeBatch, Objective, stack
 
 Params = dict[str, Tensor]
 # forward(params, *inputs): the network evaluated with ``params`` instead of its own parameters. Its inputs
@@ -157,7 +157,7 @@ def each_episode(task_loss: Callable[[Forward, Params, Episode, Objective], tupl
                  params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
     """``meta_loss`` of an algorithm that works one task at a time: ``task_loss`` of each episode, stacked."""
     results = [task_loss(forward, params, episode, objective) for episode in episodes]
-    return torch.stack([loss for loss, _ in results]), stack_metrics([metrics for _, metrics in results])
+    return stack([loss for loss, _ in results]), stack_metrics([metrics for _, metrics in results])
 
 
 def each_episode_by_step(task_evaluate: Callable[[Forward, Params, Episode, Objective, Optional[int]], dict[int, Metrics]],
@@ -193,4 +193,13 @@ def scored(predictors: Iterator[Predictor], query_x: Tensor, query_y: Tensor, ob
 
 def stack_metrics(per_episode: list[Metrics]) -> Metrics:
     """``[{"accuracy": a0}, {"accuracy": a1}]`` -> ``{"accuracy": tensor([a0, a1])}``."""
-    return {name: torch.stack([metrics[name] for metrics in per_episode]) for name in per_episode[0]}
+    return {name: stack([metrics[name] for metrics in per_episode]) for name in per_episode[0]}
+
+
+def sum_each(per_episode: list[Params]) -> Params:
+    """The sum over episodes of tensors keyed alike (Reptile's directions), in multi-tensor operations."""
+    names = list(per_episode[0])
+    total = [per_episode[0][n] for n in names]
+    for tensors in per_episode[1:]:
+        total = torch._foreach_add(total, [tensors[n] for n in names])
+    return dict(zip(names, total))

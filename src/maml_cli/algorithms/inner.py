@@ -60,8 +60,15 @@ class SGD:
         return {}
 
     def update(self, step: int, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
-        rate = self.lr if callable(self.lr) else (lambda _step, _name, lr=self.lr: lr)
-        return {name: p - rate(step, name) * grads[name] for name, p in params.items()}, state
+        names = list(params)
+        weights, gradients = [params[n] for n in names], [grads[n] for n in names]
+        # Multi-tensor (foreach) operations: on a GPU a handful of launches per step for all the tensors, not two per tensor.
+        if not callable(self.lr):
+            return dict(zip(names, torch._foreach_add(weights, gradients, alpha=-self.lr))), state
+        rates = [self.lr(step, n) for n in names]
+        if all(isinstance(rate, Tensor) for rate in rates):
+            return dict(zip(names, torch._foreach_sub(weights, torch._foreach_mul(gradients, rates)))), state
+        return {n: p - rate * g for n, p, g, rate in zip(names, weights, gradients, rates)}, state
 
 
 @dataclass(frozen=True)
@@ -77,15 +84,25 @@ class Adam:
     eps: float = 1e-8
 
     def init(self, params: Params) -> InnerState:
-        return {"m": {n: torch.zeros_like(p) for n, p in params.items()}, "v": {n: torch.zeros_like(p) for n, p in params.items()}}
+        # With beta1 = 0 the first moment is the gradient itself: nothing to carry.
+        first = {n: torch.zeros_like(p) for n, p in params.items()} if self.beta1 != 0 else {}
+        return {"m": first, "v": {n: torch.zeros_like(p) for n, p in params.items()}}
 
     def update(self, step: int, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
         t = step + 1
-        m = {n: self.beta1 * state["m"][n] + (1 - self.beta1) * g for n, g in grads.items()}
-        v = {n: self.beta2 * state["v"][n] + (1 - self.beta2) * g * g for n, g in grads.items()}
+        names = list(params)
+        gradients = [grads[n] for n in names]
+        # Multi-tensor (foreach) operations, as torch.optim.Adam takes on a GPU: a few launches per step for all the tensors.
+        if self.beta1 == 0:
+            m = gradients  # beta1 * m + (1 - beta1) * g, exactly
+        else:
+            m = torch._foreach_add(torch._foreach_mul([state["m"][n] for n in names], self.beta1), gradients, alpha=1 - self.beta1)
+        v = torch._foreach_addcmul(torch._foreach_mul([state["v"][n] for n in names], self.beta2), gradients, gradients, value=1 - self.beta2)
         # torch.optim.Adam's form: epsilon is added to the bias-corrected second moment's root.
         m_scale, v_scale = 1 / (1 - self.beta1 ** t), 1 / (1 - self.beta2 ** t)
-        return {n: p - self.lr * m_scale * m[n] / ((v[n] * v_scale).sqrt() + self.eps) for n, p in params.items()}, {"m": m, "v": v}
+        denominators = torch._foreach_add(torch._foreach_sqrt(torch._foreach_mul(v, v_scale)), self.eps)
+        updated = torch._foreach_addcdiv([params[n] for n in names], m, denominators, value=-self.lr * m_scale)
+        return dict(zip(names, updated)), {"m": dict(zip(names, m)) if self.beta1 != 0 else {}, "v": dict(zip(names, v))}
 
 
 def as_optimizer(rule: Union[float, InnerOptimizer]) -> InnerOptimizer:
@@ -105,7 +122,7 @@ def inner_step(forward: Forward, params: Params, x: Tensor, y: Tensor, objective
     names = [n for n in params if adapted is None or n in adapted]
     current = params if fixed_at is None else {**params, **fixed_at(step)}
     with nullcontext() if first_order else differentiated_twice():
-        loss, _ = objective(forward(current, x), y)
+        loss, _ = objective(forward(current, x), y, metrics=False)
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
     updated, state = rule.update(step, {n: params[n] for n in names}, dict(zip(names, grads)), state)
     return {**params, **updated}, state

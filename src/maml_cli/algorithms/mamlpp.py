@@ -146,7 +146,7 @@ class MAMLPlusPlus(TaskByTaskInnerLoop):
                                         fixed_at, first_order)
             if multi_step or step == self.inner_steps - 1:
                 current = weights if fixed_at is None else {**weights, **fixed_at(step)}
-                loss, metrics = objective(forward(current, episode.query_x), episode.query_y)
+                loss, metrics = objective(forward(current, episode.query_x), episode.query_y, metrics=step == self.inner_steps - 1)
                 step_losses.append(loss)
         if not multi_step:
             return step_losses[-1], metrics

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from maml_cli.algorithms.base import (AlgorithmDefaults, Forward, Metrics, OuterSchedule, Params, Predictor, each_episode_by_step, scored,
-                                     scored_steps, stack_metrics)
+                                     scored_steps, stack_metrics, sum_each)
 from maml_cli.algorithms.inner import SGD, Adam, InnerOptimizer, inner_step, predictor
 from maml_cli.algorithms.registry import InnerLoopConfig, at_least, register_algorithm
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
@@ -139,13 +139,14 @@ class Reptile(AlgorithmDefaults):
                                       self.task_generator(episode))
         with torch.no_grad():
             _, metrics = objective(forward(adapted, episode.query_x), episode.query_y)
-        return {n: p.detach() - adapted[n].detach() for n, p in params.items()}, metrics
+            names = list(params)
+            direction = torch._foreach_sub([params[n] for n in names], [adapted[n] for n in names])
+        return dict(zip(names, direction)), metrics
 
     def meta_gradient(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Params, Metrics]:
         """theta - theta' summed over the episodes (the loop averages it over the meta-batch)."""
         results = [self.task_direction(forward, params, episode, objective) for episode in episodes]
-        summed = {n: torch.stack([direction[n] for direction, _ in results]).sum(dim=0) for n in params}
-        return summed, stack_metrics([metrics for _, metrics in results])
+        return sum_each([direction for direction, _ in results]), stack_metrics([metrics for _, metrics in results])
 
     def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
                  score_every: Optional[int] = 1) -> dict[int, Metrics]:
