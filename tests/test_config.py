@@ -344,6 +344,6 @@ def test_run_names_leave_out_exactly_the_keys_that_do_not_change_what_a_run_lear
     assert set(MACHINE_KEYS) <= excluded
     # Resume-free but in the name: how long it ran, when it stops early, and two settings a name may as well show.
     assert RESUME_FREE_KEYS - excluded == {"iterations", "patience", "dataset.download", "model.channels_last"}
-    # Left out of the name although a resume may not change it: the folder of the split's class lists, a path a name
-    # should not carry (a resume refuses another folder, whose lists could hold other classes).
+    # Left out of the name although a resume may not change it freely: the folder of the split's class lists, a path a
+    # name should not carry (a resume takes another folder only when its lists name the run's classes in the run's order).
     assert excluded - RESUME_FREE_KEYS == {"dataset.split_dir"}

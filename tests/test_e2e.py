@@ -159,6 +159,27 @@ def test_resume_takes_the_runs_own_config_and_refuses_typed_keys_that_change_res
     assert torch.load(run / "last.pt", weights_only=True)["config"]["inner_lr"] == 0.5
 
 
+def test_resume_follows_moved_class_lists_and_refuses_other_classes_unless_forced(tmp_path, small_omniglot):
+    # The run moves machines: its class lists are elsewhere there. The same classes may continue it; others may not.
+    from conftest import write_small_vinyals_split
+    lists = write_small_vinyals_split(tmp_path / "lists")
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2, "dataset.split=vinyals", f"dataset.split_dir={lists}"), cwd=tmp_path)
+    run = only_run(tmp_path)
+    assert set(torch.load(run / "last.pt", weights_only=True)["class_split"]) == {"train", "val", "test"}
+    moved = lists.rename(tmp_path / "moved")
+    continued = run_in_process("maml-train", [f"resume={run}", "iterations=3", f"dataset.split_dir={moved}"], cwd=tmp_path)
+    assert "resumed" in continued.stdout + continued.stderr and torch.load(run / "last.pt", weights_only=True)["iteration"] == 3
+    train = (moved / "train.txt").read_text().splitlines()
+    (moved / "train.txt").write_text("\n".join(train[4:] + train[:4]) + "\n")  # the same classes, in another order
+    (moved / "val.txt").write_text("\n".join((moved / "val.txt").read_text().splitlines()[:-4]) + "\n")  # a character fewer
+    refused = run_in_process("maml-train", [f"resume={run}", "iterations=4"], cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "the train split's" in refused.stderr and "in another order" in refused.stderr
+    assert "the val split has" in refused.stderr and "where the run's had" in refused.stderr and "force_resume=true" in refused.stderr
+    forced = run_in_process("maml-train", [f"resume={run}", "iterations=4", "force_resume=true"], cwd=tmp_path)
+    assert "resumed" in forced.stdout + forced.stderr and torch.load(run / "last.pt", weights_only=True)["iteration"] == 4
+
+
 def test_maml_eval_scores_a_checkpoint_on_the_same_test_episodes(tmp_path, small_omniglot):
     run_in_process("maml-train", omniglot_args(small_omniglot, 2), cwd=tmp_path)
     run = only_run(tmp_path)

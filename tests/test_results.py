@@ -124,6 +124,17 @@ def test_group_seeds_makes_one_row_with_the_mean_and_sd_over_seeds(tree, capsys)
     assert "| run | n |" in markdown and "| seed=0, seed=1 | 2 |" in markdown and "+- sd over seeds (n > 1) or 95% CI" in markdown
 
 
+def test_a_seed_group_shows_the_inner_steps_every_tested_seed_scored(tree):
+    # Seeds whose tests scored different steps (score_every 1 and 2): a step only one scored would be that seed's alone.
+    every_step, every_other = (results.read_run(run) for run in run_dirs(tree / "sweep"))
+    every_other.test.by_inner_step = {k: v for k, v in every_other.test.by_inner_step.items() if k != 1}
+    unfinished = results.read_run(run_dirs(tree / "sweep")[0])
+    unfinished.test.by_inner_step = {}  # no test yet: it limits no step
+    steps = results.Row([every_step, every_other, unfinished]).test_by_inner_step
+    assert sorted(every_step.test.by_inner_step) == [0, 1, 2] and sorted(steps) == [0, 2]
+    assert steps[2].mean == pytest.approx(statistics.mean([every_step.test.by_inner_step[2].mean, every_other.test.by_inner_step[2].mean]))
+
+
 def test_eval_takes_the_newest_matching_maml_eval_file(tree, tmp_path, capsys):
     runs = [shutil.copytree(run, tmp_path / run.name) for run in run_dirs(tree / "sweep")]
     run_in_process("maml-eval", [f"checkpoint={runs[0]}", "test_tasks=3", "query=1"], cwd=tmp_path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from hydra.errors import InstantiationException
@@ -365,11 +365,13 @@ def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None) -> list[str]:
-    """Keys (of ``keys``, else all) whose values differ between two flattened configs, ignoring those that do not change results."""
+def config_differences(saved: dict[str, Any], current: dict[str, Any], keys: set[str] | None = None,
+                       also_free: Collection[str] = ()) -> list[str]:
+    """Keys (of ``keys``, else all) whose values differ between two flattened configs, ignoring those that do not change
+    results (:data:`RESUME_FREE_KEYS` and ``also_free``)."""
     keys = set(saved) | set(current) if keys is None else keys
     return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
-            for k in sorted(keys) if k not in RESUME_FREE_KEYS and saved.get(k) != current.get(k)]
+            for k in sorted(keys) if k not in RESUME_FREE_KEYS and k not in also_free and saved.get(k) != current.get(k)]
 
 
 NODES = ("algo", "dataset", "model", "optimizer", "scheduler")
@@ -383,7 +385,8 @@ def typed_keys(overrides: list[str], current: dict[str, Any], defaults: dict[str
     return changed | {k for k in current if k in named or any(k.startswith(n + ".") for n in named)}
 
 
-def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str]) -> tuple[dict[str, Any], list[str]]:
+def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str],
+                  also_free: Collection[str] = ()) -> tuple[dict[str, Any], list[str]]:
     """The config a resumed run continues with, and the typed changes that would change its results.
 
     The run's own config (``saved``, flattened) is the base: a resume needs none of the original
@@ -391,11 +394,13 @@ def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str
     composed from the resume command); a key this version knows and the run's config lacks takes its
     current default (in a node, only when the node builds the same class).
 
+    ``also_free``: keys that may change on this resume beyond :data:`RESUME_FREE_KEYS` (the caller checks their effect).
+
     Returns:
         The flattened effective config, and ``"key: saved -> typed"`` for each typed key that differs from
         the run's value and changes results (the caller refuses these unless forced).
     """
-    differences = config_differences(saved, current, {k for k in typed if k not in ("resume", "force_resume")})
+    differences = config_differences(saved, current, {k for k in typed if k not in ("resume", "force_resume")}, also_free)
     # A typed node that builds another class replaces the run's node whole (forced resumes only).
     replaced = {n for n in NODES if f"{n}._target_" in typed and saved.get(f"{n}._target_") != current.get(f"{n}._target_")}
     effective = {k: v for k, v in saved.items() if k.split(".", 1)[0] not in replaced}

@@ -347,6 +347,8 @@ class MetaTrainer:
     # What the final meta-test scores: the weights at the end (last.pt), or best.pt after early stopping.
     tested_checkpoint: str = "last.pt"
     last_validation: float | None = None  # the latest meta-validation score (what a sweeper optimises)
+    # The classes of each split, counted and hashed (maml_cli.data.base.class_split_record): a resume checks them.
+    class_split: dict[str, dict[str, int | str]] | None = None
 
     # -- checkpoints -------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -362,6 +364,7 @@ class MetaTrainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "config": self.config,
+            "class_split": self.class_split,
         }
 
     def restore(self, state: dict[str, Any]) -> None:

@@ -593,8 +593,10 @@ class Row:
 
     @property
     def test_by_inner_step(self) -> dict[int, Estimate | None]:
-        """The meta-test metric after each inner step any of the runs scored, by step."""
-        steps = sorted({k for r in self.runs for k in r.test.by_inner_step})
+        """The meta-test metric after each inner step, by step: for a group, the steps every tested run scored (seeds
+        run with different ``score_every`` share only some), so that each mean is over the same seeds as the final one."""
+        tested = [set(r.test.by_inner_step) for r in self.runs if r.test.by_inner_step]
+        steps = sorted(set.intersection(*tested)) if tested else []
         return {k: self.combine([r.test.by_inner_step.get(k) for r in self.runs]) for k in steps}
 
 

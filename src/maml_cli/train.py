@@ -37,6 +37,7 @@ from maml_cli.build import (build_algorithm, build_model, build_optimizer, build
                             algorithm_name, check_inner_loop_overrides, check_one_schedule, dataset_name, flatten, hparams, resolve_device, resume_config, settle_model_choices,
                             typed_keys, unflatten, validate, without_own_settings)
 from maml_cli.checkpoint import load_checkpoint
+from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.errors import UserError
 from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation
 from maml_cli.run_lock import run_lock
@@ -92,7 +93,10 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
     current = flatten(cfg)
     typed = typed_keys(overrides, current, flatten(config_module.compose_defaults()))
     saved = flatten(resume_state["config"])
-    effective, differences = resume_config(saved, current, typed)
+    # The class lists may move (another machine): a checkpoint that records its split lets the resume compare the
+    # classes themselves once they are built (check_class_split), instead of refusing every other folder.
+    moved = {"dataset.split_dir"} if resume_state.get("class_split") is not None else set()
+    effective, differences = resume_config(saved, current, typed, also_free=moved)
     if "iterations" in typed and saved.get("iterations") != current["iterations"] and not cfg.force_resume:
         schedule = build_algorithm(OmegaConf.create(unflatten(saved))).outer_lr_schedule
         if schedule is not None:
@@ -105,6 +109,19 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
                         f"config is saved with it ({Path(cfg.resume) / 'config.yaml'}), and resume=<run> alone continues it. "
                         f"Or add force_resume=true to continue with the change.")
     return OmegaConf.create(unflatten(effective))
+
+
+def check_class_split(cfg: DictConfig, resume_state: dict, class_split: dict) -> None:
+    """Refuse to resume on classes other than the run's (unless ``force_resume=true``): the class lists of a moved
+    ``dataset.split_dir``, or of the same folder since edited, or another copy of the dataset under another data root.
+    Checkpoints written before the record existed are not checked."""
+    recorded = resume_state.get("class_split")
+    changes = class_split_changes(recorded, class_split) if recorded is not None else []
+    if changes and not cfg.force_resume:
+        lists = f" (dataset.split_dir={cfg.dataset.split_dir})" if cfg.dataset.get("split_dir") else ""
+        raise UserError(f"resume={cfg.resume}: the classes built now{lists} are not those the run trained on: {'; '.join(changes)}. "
+                        f"Point dataset.split_dir (or data_root) at the run's class lists and data, or add force_resume=true to "
+                        f"continue on these classes.")
 
 
 PROGRESS_LOGGER = "maml_cli.progress"
@@ -176,6 +193,9 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
     tasks = build_tasks(cfg)
+    class_split = class_split_record(tasks)
+    if resume_state:
+        check_class_split(cfg, resume_state, class_split)
     samplers = build_samplers(cfg, tasks, algorithm, device)
     model = build_model(cfg, tasks, algorithm, device)
     optimizer = build_optimizer(cfg, model)
@@ -193,7 +213,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress and ranks.main,
         scheduler=scheduler, grad_clip=algorithm.grad_clip, patience=cfg.patience, score_every=cfg.score_every,
         threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device),
-        resume_hint=f"maml-train {resume_override(run_dir)}", ranks=ranks,
+        resume_hint=f"maml-train {resume_override(run_dir)}", ranks=ranks, class_split=class_split,
     )
     metric = tasks.kind.metric
     # On resume too: the config in use (the run's own, with the locations or iterations typed on the resume command).

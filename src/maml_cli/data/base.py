@@ -8,6 +8,7 @@ split. Adding a dataset is one module under ``maml_cli/data/`` that ends with
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol, Union, runtime_checkable
 
@@ -83,6 +84,11 @@ class _TaskFamilyCommon(Protocol):
         """Sizes of the splits for the run's log, e.g. ``{"train_classes": 64, ...}``; empty when it has none."""
         ...
 
+    def class_names(self) -> dict[str, list[str]]:
+        """The classes of each split (``train``, ``val``, ``test``) by name, in the order its episodes draw on them:
+        what a resumed run checks against the split it trained on (:func:`class_split_record`); empty when it has none."""
+        ...
+
 
 @runtime_checkable
 class ImageTaskFamily(_TaskFamilyCommon, ImageShaped, Protocol):
@@ -100,3 +106,26 @@ class VectorTaskFamily(_TaskFamilyCommon, VectorShaped, Protocol):
 
 
 TaskFamily = Union[ImageTaskFamily, VectorTaskFamily]
+
+
+def class_split_record(tasks: TaskFamily) -> dict[str, dict[str, int | str]]:
+    """Per split, how many classes and a SHA-256 of their names in order: kept in checkpoints, so that a resume finds
+    out when the class lists it builds (a moved ``dataset.split_dir``, another data root) are not the run's."""
+    return {split: {"classes": len(names), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+            for split, names in tasks.class_names().items()}
+
+
+def class_split_changes(recorded: dict[str, dict[str, int | str]], current: dict[str, dict[str, int | str]]) -> list[str]:
+    """How ``current`` differs from a checkpoint's :func:`class_split_record`, one phrase per split that differs."""
+    changes = []
+    for split in sorted(set(recorded) | set(current), key=SPLITS.index):
+        before, now = recorded.get(split), current.get(split)
+        if before == now:
+            continue
+        if before is None or now is None:
+            changes.append(f"the {split} split {'is new' if before is None else 'is gone'}")
+        elif before["classes"] != now["classes"]:
+            changes.append(f"the {split} split has {now['classes']:,} classes where the run's had {before['classes']:,}")
+        else:
+            changes.append(f"the {split} split's {now['classes']:,} classes are other classes or in another order")
+    return changes

@@ -318,6 +318,11 @@ class OmniglotTasks:
     def describe(self) -> dict[str, int]:
         return {f"{part}_classes": len(c) for part, c in self.classes.items()}
 
+    def class_names(self) -> dict[str, list[str]]:
+        """``Alphabet/characterNN/rotDDD`` (the Vinyals lists' form) of each split's classes."""
+        return {part: [f"{self.listing.characters[c]}/rot{ROTATIONS[t]:03d}" for c, t in classes.tolist()]
+                for part, classes in self.classes.items()}
+
     def check(self, split: str, way: int, shot: int, query: int) -> None:
         """Raise EpisodeError if ``split`` cannot supply the episode, without building its tensor."""
         check_episode_size(way, shot, query, len(self.classes[split]), self.images.shape[1], self._where(split))

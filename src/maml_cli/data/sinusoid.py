@@ -64,6 +64,10 @@ class SinusoidTasks:
         """Nothing to count: every split draws from the same distribution."""
         return {}
 
+    def class_names(self) -> dict[str, list[str]]:
+        """No classes: every split draws from the same distribution."""
+        return {}
+
     def sampler(self, split: str, way: int, shot: int, query: int, device: torch.device | str = "cpu") -> SinusoidSampler:
         """An episode sampler; ``way`` must be 1 because a regression task has no classes."""
         if way != 1:

@@ -275,9 +275,13 @@ class StoreTasks:
         self.dataset, self.split_name = dataset, split_name
         self.image_size, self.in_channels, self.in_memory = image_size, in_channels, in_memory
         self.splits = {split: (store, store.index_of(names)) for split, (store, names) in splits.items()}
+        self.class_lists = {split: list(names) for split, (_, names) in splits.items()}
 
     def describe(self) -> dict[str, int]:
         return {f"{split}_classes": len(self.splits[split][1]) for split in SPLITS}
+
+    def class_names(self) -> dict[str, list[str]]:
+        return self.class_lists
 
     def where(self, split: str) -> str:
         return f"{SPLIT_NAMES[split]} split of {self.dataset} ({self.split_name})"
