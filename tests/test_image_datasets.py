@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from conftest import SHARED_OMNIGLOT, run_in_process
 from image_formats import (write_cifar100, write_cub_archive, write_folder, write_miniimagenet_images, write_miniimagenet_pickles,
                            write_tieredimagenet)
 from maml_cli.data import store
-from maml_cli.data.base import ImageTaskFamily
+from maml_cli.data.base import ImageTaskFamily, class_split_changes, class_split_record
 from maml_cli.data.cifar import CifarFSTasks, FC100Tasks, cifar100_superclasses
 from maml_cli.data.cub import CUBTasks
 from maml_cli.data.files import load_pickle, safe_extract
@@ -97,6 +98,14 @@ def test_miniimagenet_from_csv_and_images_and_from_pickle_caches(tmp_path):
     tasks = MiniImageNetTasks(str(tmp_path / "csv"), image_size=20, split_dir=str(splits))
     assert tasks.describe() == {"train_classes": 4, "val_classes": 3, "test_classes": 3}
     check_episodes(tasks, way=3, shot=1, query=3, channels=3, size=20)
+    # The CSVs choose each class's images: lists naming the same classes with an image fewer are another split to a resume.
+    edited = shutil.copytree(splits, tmp_path / "edited")
+    rows = (edited / "train.csv").read_text().splitlines()
+    (edited / "train.csv").write_text("\n".join(rows[:-1]) + "\n")
+    fewer = MiniImageNetTasks(str(tmp_path / "csv"), image_size=20, split_dir=str(edited))
+    assert [name.split()[0] for name in fewer.class_names()["train"]] == [name.split()[0] for name in tasks.class_names()["train"]]
+    assert class_split_changes(class_split_record(tasks), class_split_record(fewer)) == [
+        "the train split's 4 classes are other classes, in another order, or (lists that name images) other images"]
     write_miniimagenet_pickles(tmp_path / "pkl")
     cached = MiniImageNetTasks(str(tmp_path / "pkl"), image_size=84)
     assert cached.describe() == {"train_classes": 4, "val_classes": 3, "test_classes": 3}

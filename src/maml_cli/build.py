@@ -112,7 +112,7 @@ def build_tasks(cfg: DictConfig) -> TaskFamily:
     tasks = _instantiate(cfg.dataset, "dataset")
     if not isinstance(tasks, (ImageTaskFamily, VectorTaskFamily)):
         raise UserError(f"dataset._target_={cfg.dataset._target_} built a {type(tasks).__name__}, which is not a task family: it needs "
-                        f"kind, split_name, sampler() and describe(), and in_channels and image_size (images) or in_features (vectors).")
+                        f"kind, split_name, sampler(), describe() and class_names(), and in_channels and image_size (images) or in_features (vectors).")
     return tasks
 
 

@@ -85,8 +85,9 @@ class _TaskFamilyCommon(Protocol):
         ...
 
     def class_names(self) -> dict[str, list[str]]:
-        """The classes of each split (``train``, ``val``, ``test``) by name, in the order its episodes draw on them:
-        what a resumed run checks against the split it trained on (:func:`class_split_record`); empty when it has none."""
+        """The classes of each split (``train``, ``val``, ``test``) by name, in the order its episodes draw on them (with
+        what identifies their images where the split's lists choose them, as miniImageNet's CSVs do): what a resumed run
+        checks against the split it trained on (:func:`class_split_record`); empty when it has none."""
         ...
 
 
@@ -127,5 +128,5 @@ def class_split_changes(recorded: dict[str, dict[str, int | str]], current: dict
         elif before["classes"] != now["classes"]:
             changes.append(f"the {split} split has {now['classes']:,} classes where the run's had {before['classes']:,}")
         else:
-            changes.append(f"the {split} split's {now['classes']:,} classes are other classes or in another order")
+            changes.append(f"the {split} split's {now['classes']:,} classes are other classes, in another order, or (lists that name images) other images")
     return changes

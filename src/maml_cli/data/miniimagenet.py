@@ -35,6 +35,11 @@ WHERE_PUBLISHED = (
 )
 
 
+def files_digest(files: list[str]) -> str:
+    """A short digest of a class's image files in order."""
+    return hashlib.sha1("\n".join(files).encode()).hexdigest()[:16]
+
+
 def read_split_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     """Classes (in order of first appearance) and their image file names from a ``filename,label`` CSV."""
     if not path.is_file():
@@ -76,6 +81,7 @@ class MiniImageNetTasks(StoreTasks):
             super().__init__(splits, "miniimagenet", "ravi (pickles)", image_size, 3, in_memory)
             return
         images = _images_folder(folder, pickles)
+        image_lists = {}
         for split in SPLITS:
             # The packaged CSVs are gzipped (a megabyte each otherwise); a split_dir holds plain ones.
             path = Path(split_dir).expanduser() / f"{split}.csv" if split_dir else PACKAGED_SPLITS / "miniimagenet" / f"{split}.csv.gz"
@@ -85,7 +91,12 @@ class MiniImageNetTasks(StoreTasks):
                                    lambda names=names, files=files: ClassListing(names, [[images / f for f in fs] for fs in files]),
                                    image_size, 3, False, f"miniImageNet ({split}.csv over {images})")
             splits[split] = (store, names)
+            image_lists[split] = files
         super().__init__(splits, "miniimagenet", "ravi", image_size, 3, in_memory)
+        # The CSVs choose each class's images, not only its name: a class is recorded with a digest of its files, so that
+        # a resume on moved CSVs naming the same classes with other images is caught (maml_cli.data.base.class_split_record).
+        self.class_lists = {split: [f"{name} {files_digest(files)}" for name, files in zip(self.class_lists[split], image_lists[split])]
+                            for split in SPLITS}
 
 
 def _pickle_listing(path: Path) -> ClassListing:

@@ -281,6 +281,7 @@ class StoreTasks:
         return {f"{split}_classes": len(self.splits[split][1]) for split in SPLITS}
 
     def class_names(self) -> dict[str, list[str]]:
+        """The names each split was built from, in the order of its classes."""
         return self.class_lists
 
     def where(self, split: str) -> str:
