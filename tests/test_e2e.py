@@ -159,7 +159,28 @@ def test_resume_takes_the_runs_own_config_and_refuses_typed_keys_that_change_res
     assert torch.load(run / "last.pt", weights_only=True)["config"]["inner_lr"] == 0.5
 
 
-def test_resume_follows_moved_class_lists_and_refuses_other_classes_unless_forced(tmp_path, small_omniglot):
+def test_resume_that_raises_iterations_says_a_schedule_spread_over_the_first_total_keeps_it_and_a_forced_one_is_used(tmp_path):
+    cosine = ["+scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingLR", "+scheduler._partial_=true",
+              "+scheduler.T_max=${iterations}"]
+    run_in_process("maml-train", [*SINE, *cosine], cwd=tmp_path)
+    run = only_run(tmp_path)
+    assert torch.load(run / "last.pt", weights_only=True)["scheduler"]["T_max"] == 4
+    raised = run_in_process("maml-train", [f"resume={run}", "iterations=6"], cwd=tmp_path)
+    said = raised.stdout + raised.stderr
+    assert "iterations 4 -> 6: the run's scheduler.T_max is its first total (4)" in said and "CosineAnnealingLR" in said
+    assert "+scheduler.T_max=6 force_resume=true" in said
+    without_plus = run_in_process("maml-train", [f"resume={run}", "iterations=8", "scheduler.T_max=8", "force_resume=true"],
+                                  cwd=tmp_path, check=False)
+    assert without_plus.returncode == 2 and "Add one with a plus, +scheduler.T_max=<value>" in without_plus.stderr
+    assert torch.load(run / "last.pt", weights_only=True)["scheduler"]["T_max"] == 4  # as the warning says
+    # Forced, the typed value is the one used: the state it resumes from does not put the old one back.
+    forced = run_in_process("maml-train", [f"resume={run}", "iterations=8", "+scheduler.T_max=8", "force_resume=true"], cwd=tmp_path)
+    assert "first total" not in forced.stdout + forced.stderr
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["iteration"] == 8 and state["scheduler"]["T_max"] == 8 and state["scheduler"]["last_epoch"] == 8
+
+
+def test_resume_follows_moved_class_lists_and_refuses_other_classes_unless_forced(tmp_path, small_omniglot, capsys):
     # The run moves machines: its class lists are elsewhere there. The same classes may continue it; others may not.
     from conftest import write_small_vinyals_split
     lists = write_small_vinyals_split(tmp_path / "lists")
@@ -176,6 +197,15 @@ def test_resume_follows_moved_class_lists_and_refuses_other_classes_unless_force
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "the train split's" in refused.stderr and "in another order" in refused.stderr
     assert "the val split has" in refused.stderr and "where the run's had" in refused.stderr and "force_resume=true" in refused.stderr
+    # maml-eval may score other classes, and says so: the test lists are the run's, the val lists no longer are.
+    from maml_cli import evaluate
+    capsys.readouterr()
+    for split in ("test", "val"):
+        evaluate.main([f"checkpoint={run / 'last.pt'}", f"split={split}", "test_tasks=2", f"output={tmp_path / split}.json"])
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "test.json").read_text())["classes"] == "the run's"
+    assert "where the run's had" in json.loads((tmp_path / "val.json").read_text())["classes"]
+    assert printed.count("note: not the run's") == 1 and "note: not the run's val classes: the val split has" in printed
     forced = run_in_process("maml-train", [f"resume={run}", "iterations=4", "force_resume=true"], cwd=tmp_path)
     assert "resumed" in forced.stdout + forced.stderr and torch.load(run / "last.pt", weights_only=True)["iteration"] == 4
 
@@ -209,7 +239,7 @@ def test_score_every_scores_the_final_test_and_maml_eval_after_every_kth_inner_s
     assert written.name == "eval_last_test_1w10s_10q_20tasks_seed0_10steps_every3.json"
     report = json.loads(written.read_text())
     by_step = {row["inner_steps"]: row["mean"] for row in report["by_inner_step"]}
-    assert list(by_step) == [0, 3, 6, 9, 10] and report["score_every"] == 3
+    assert list(by_step) == [0, 3, 6, 9, 10] and report["score_every"] == 3 and report["classes"] is None  # sinusoid has none
     assert by_step[0] == pytest.approx(logged[0], rel=1e-5) and by_step[10] == pytest.approx(logged[10], rel=1e-5)
     evaluate.main([f"checkpoint={run / 'last.pt'}", "test_tasks=3"])
     assert [row["inner_steps"] for row in json.loads(written.with_name("eval_last_test_1w10s_10q_3tasks_seed0_10steps_every4.json")

@@ -18,7 +18,8 @@ the same tables as JSON next to the checkpoint, in a file whose name records the
 settings the numbers depend on (``_every<K>`` for a ``score_every`` other than 1; never over another
 evaluation's), or to output=. ``way`` may differ from the
 run's only for algorithms whose network has no fixed number of outputs
-(ProtoNet: a model trained on 60-way episodes scores 5-way and 20-way ones).
+(ProtoNet: a model trained on 60-way episodes scores 5-way and 20-way ones). The report says whether the scored
+split's classes are those the run's checkpoint records (``classes``), with a printed note when they are not.
 
 With ``episodes=<folder>`` the tasks are image files, one folder per task: ``support/<class>/<images>``
 with ``query/<class>/<images>`` (labelled: accuracy per task and over the tasks, with its CI) or
@@ -45,6 +46,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, resolve_device
 from maml_cli.checkpoint import load_checkpoint
+from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.data.task_folders import TaskFiles, read_task_folders
 from maml_cli.errors import UserError
 from maml_cli.learner import Learner, checkpoint_of, load
@@ -156,13 +158,27 @@ def run_eval(args: EvalConfig) -> dict:
                        description=f"meta-{args.split}", score_every=score_every)
     metric = tasks.kind.metric
     presentation = by_presentation(after_last_step(results)).get(metric, {})
+    classes = compare_classes(state.get("class_split"), class_split_record(tasks), args.split)
     return {
         "checkpoint": str(args.checkpoint), "iteration": state["iteration"], "split": args.split,
         "dataset_split": tasks.split_name, "metric": metric, "tasks": cfg.test_tasks, "eval_seed": cfg.eval_seed,
         "algo": cfg.algo._target_.rsplit(".", 1)[-1], "way": way, "shot": shot, "query": query, "score_every": score_every,
         "by_inner_step": [{"inner_steps": k, "mean": r[metric][0], "ci95": r[metric][1]} for k, r in results.items()],
         "by_presentation": [{"presentation": k, "mean": m, "ci95": c} for k, (m, c) in sorted(presentation.items())],
+        "classes": classes,
     }
+
+
+def compare_classes(recorded: dict | None, built: dict, split: str) -> str | None:
+    """Whether the ``split`` classes scored are those the checkpoint's run recorded (:func:`class_split_record`):
+    ``"the run's"``, how they differ (scoring other classes is legitimate, but the report says so), ``"not recorded"``
+    for a checkpoint from before the record, or ``None`` for a family without classes (sinusoid)."""
+    if split not in built:
+        return None
+    if recorded is None:
+        return "not recorded"
+    changes = class_split_changes({split: recorded[split]} if split in recorded else {}, {split: built[split]})
+    return "; ".join(changes) if changes else "the run's"
 
 
 @dataclass
@@ -248,6 +264,8 @@ def format_table(report: dict) -> str:
         f"{report['way']}-way {report['shot']}-shot, {report['tasks']} tasks, eval_seed={report['eval_seed']}, split={report['dataset_split']}",
         f"{'inner steps':>11}  {metric:>10}  {'95% CI':>8}",
     ]
+    if report.get("classes") not in (None, "the run's", "not recorded"):
+        lines.insert(1, f"note: not the run's {report['split']} classes: {report['classes']}")
     for row in report["by_inner_step"]:
         lines.append(f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {row['ci95']:>8.4f}")
     if report["by_presentation"]:

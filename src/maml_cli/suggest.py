@@ -40,6 +40,11 @@ def unknown_key_message(key: str, known: list[str]) -> str:
     suggestion = did_you_mean(leaf, known)
     if suggestion:
         return f"unknown key {key}.{suggestion}"
+    if "." in key and not known:
+        # A node that is null unless set (scheduler): nothing is declared under it until a key is added with a plus.
+        node = key.rsplit(".", 1)[0]
+        return (f"unknown key {key}: {node} is not set here (null), so it has no keys to change. Add one with a plus, "
+                f"+{key}=<value> (on resume=<run>, that is how a key of the run's own {node} is typed).")
     where = f" under {key.rsplit('.', 1)[0]}" if "." in key else ""
     return f"unknown key {key}. Keys{where}: {', '.join(sorted(known))}."
 

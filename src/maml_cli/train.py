@@ -103,12 +103,30 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
             # Elsewhere iterations only says where to stop; here the outer rate's schedule is spread over it.
             differences.append(f"iterations: {saved['iterations']!r} -> {current['iterations']!r} (algo anneals its outer "
                                f"learning rate over the run's iterations, so a new total changes the schedule)")
+    if "iterations" in typed and saved.get("iterations") != current["iterations"]:
+        warn_scheduler_keeps_its_total(saved, current, typed)
     if differences and not cfg.force_resume:
         raise UserError(f"resume={cfg.resume}: the command sets {'; '.join(differences)} (the run's value -> the typed one), "
                         f"which would change the run's results. Leave {'these keys' if len(differences) > 1 else 'it'} out: the run's "
                         f"config is saved with it ({Path(cfg.resume) / 'config.yaml'}), and resume=<run> alone continues it. "
                         f"Or add force_resume=true to continue with the change.")
     return OmegaConf.create(unflatten(effective))
+
+
+def warn_scheduler_keeps_its_total(saved: dict, current: dict, typed: set[str]) -> None:
+    """A resume that raises ``iterations`` leaves the run's ``scheduler`` as saved: a setting that was the run's first
+    total (``scheduler.T_max=${iterations}``, saved as its value) keeps it, and the schedule goes on past it as its class
+    defines (a cosine rises again). Said, with the command that spreads it over the new total."""
+    total = saved["iterations"]
+    tied = [key for key, value in saved.items() if key.startswith("scheduler.") and key not in typed
+            and type(value) is int and value == total]
+    if tied:
+        # + : on a resume the typed config's scheduler is null until a key is added (the run's own is in the saved config).
+        retype = " ".join(f"+{key}={current['iterations']}" for key in tied)
+        log.warning("iterations %s -> %s: the run's %s %s its first total (%s), which the saved config keeps; past it the "
+                    "schedule goes on as %s defines. To spread it over the new total instead, add %s force_resume=true.",
+                    total, current["iterations"], ", ".join(tied), "is" if len(tied) == 1 else "are", total,
+                    str(saved.get("scheduler._target_", "its class")).rsplit(".", 1)[-1], retype)
 
 
 def check_class_split(cfg: DictConfig, resume_state: dict, class_split: dict) -> None:

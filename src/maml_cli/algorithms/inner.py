@@ -83,9 +83,13 @@ class Adam:
     beta2: float = 0.999
     eps: float = 1e-8
 
+    @property
+    def first_moment(self) -> bool:
+        """Whether a first moment is carried between steps: with beta1 = 0 it is the gradient itself."""
+        return self.beta1 != 0
+
     def init(self, params: Params) -> InnerState:
-        # With beta1 = 0 the first moment is the gradient itself: nothing to carry.
-        first = {n: torch.zeros_like(p) for n, p in params.items()} if self.beta1 != 0 else {}
+        first = {n: torch.zeros_like(p) for n, p in params.items()} if self.first_moment else {}
         return {"m": first, "v": {n: torch.zeros_like(p) for n, p in params.items()}}
 
     def update(self, step: int, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
@@ -93,7 +97,7 @@ class Adam:
         names = list(params)
         gradients = [grads[n] for n in names]
         # Multi-tensor (foreach) operations, as torch.optim.Adam takes on a GPU: a few launches per step for all the tensors.
-        if self.beta1 == 0:
+        if not self.first_moment:
             m = gradients  # beta1 * m + (1 - beta1) * g, exactly
         else:
             m = torch._foreach_add(torch._foreach_mul([state["m"][n] for n in names], self.beta1), gradients, alpha=1 - self.beta1)
@@ -102,7 +106,7 @@ class Adam:
         m_scale, v_scale = 1 / (1 - self.beta1 ** t), 1 / (1 - self.beta2 ** t)
         denominators = torch._foreach_add(torch._foreach_sqrt(torch._foreach_mul(v, v_scale)), self.eps)
         updated = torch._foreach_addcdiv([params[n] for n in names], m, denominators, value=-self.lr * m_scale)
-        return dict(zip(names, updated)), {"m": dict(zip(names, m)) if self.beta1 != 0 else {}, "v": dict(zip(names, v))}
+        return dict(zip(names, updated)), {"m": dict(zip(names, m)) if self.first_moment else {}, "v": dict(zip(names, v))}
 
 
 def as_optimizer(rule: Union[float, InnerOptimizer]) -> InnerOptimizer:

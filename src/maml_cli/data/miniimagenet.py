@@ -81,7 +81,7 @@ class MiniImageNetTasks(StoreTasks):
             super().__init__(splits, "miniimagenet", "ravi (pickles)", image_size, 3, in_memory)
             return
         images = _images_folder(folder, pickles)
-        image_lists = {}
+        recorded = {}
         for split in SPLITS:
             # The packaged CSVs are gzipped (a megabyte each otherwise); a split_dir holds plain ones.
             path = Path(split_dir).expanduser() / f"{split}.csv" if split_dir else PACKAGED_SPLITS / "miniimagenet" / f"{split}.csv.gz"
@@ -91,12 +91,10 @@ class MiniImageNetTasks(StoreTasks):
                                    lambda names=names, files=files: ClassListing(names, [[images / f for f in fs] for fs in files]),
                                    image_size, 3, False, f"miniImageNet ({split}.csv over {images})")
             splits[split] = (store, names)
-            image_lists[split] = files
-        super().__init__(splits, "miniimagenet", "ravi", image_size, 3, in_memory)
-        # The CSVs choose each class's images, not only its name: a class is recorded with a digest of its files, so that
-        # a resume on moved CSVs naming the same classes with other images is caught (maml_cli.data.base.class_split_record).
-        self.class_lists = {split: [f"{name} {files_digest(files)}" for name, files in zip(self.class_lists[split], image_lists[split])]
-                            for split in SPLITS}
+            # The CSVs choose each class's images, not only its name: a class is recorded with a digest of its files, so that
+            # a resume on moved CSVs naming the same classes with other images is caught (maml_cli.data.base.class_split_record).
+            recorded[split] = [f"{name} {files_digest(class_files)}" for name, class_files in zip(names, files)]
+        super().__init__(splits, "miniimagenet", "ravi", image_size, 3, in_memory, recorded)
 
 
 def _pickle_listing(path: Path) -> ClassListing:

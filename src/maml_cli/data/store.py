@@ -266,16 +266,18 @@ class StoreTasks:
         image_size, in_channels: the images' shape.
         in_memory: copy each split's images to the sampling device (for datasets that fit in its memory)
             instead of reading the memory-mapped file per episode; the episodes drawn are the same.
+        recorded: per split, what :meth:`class_names` reports in place of the names, where a name alone does not say
+            which images a class has (miniImageNet's CSVs choose them).
     """
 
     kind = CLASSIFICATION
 
     def __init__(self, splits: dict[str, tuple[ImageStore, list[str]]], dataset: str, split_name: str,
-                 image_size: int, in_channels: int, in_memory: bool = False) -> None:
+                 image_size: int, in_channels: int, in_memory: bool = False, recorded: dict[str, list[str]] | None = None) -> None:
         self.dataset, self.split_name = dataset, split_name
         self.image_size, self.in_channels, self.in_memory = image_size, in_channels, in_memory
         self.splits = {split: (store, store.index_of(names)) for split, (store, names) in splits.items()}
-        self.class_lists = {split: list(names) for split, (_, names) in splits.items()}
+        self.class_lists = {split: list(recorded[split] if recorded else names) for split, (_, names) in splits.items()}
 
     def describe(self) -> dict[str, int]:
         return {f"{split}_classes": len(self.splits[split][1]) for split in SPLITS}
