@@ -171,13 +171,18 @@ def test_resume_that_raises_iterations_says_a_schedule_spread_over_the_first_tot
     assert "+scheduler.T_max=6 force_resume=true" in said
     without_plus = run_in_process("maml-train", [f"resume={run}", "iterations=8", "scheduler.T_max=8", "force_resume=true"],
                                   cwd=tmp_path, check=False)
-    assert without_plus.returncode == 2 and "Add one with a plus, +scheduler.T_max=<value>" in without_plus.stderr
+    assert without_plus.returncode == 2 and "Add one with a plus: +scheduler.T_max=<value>" in without_plus.stderr
     assert torch.load(run / "last.pt", weights_only=True)["scheduler"]["T_max"] == 4  # as the warning says
-    # Forced, the typed value is the one used: the state it resumes from does not put the old one back.
-    forced = run_in_process("maml-train", [f"resume={run}", "iterations=8", "+scheduler.T_max=8", "force_resume=true"], cwd=tmp_path)
+    # Forced, the typed schedule is the one used, replayed from the start (the saved state would put the old T_max back, and
+    # the cosine, at its floor at 4, would stay there): at 8 of T_max=16 the rate is half the initial one, and it trained.
+    before = torch.load(run / "last.pt", weights_only=True)["model"]
+    forced = run_in_process("maml-train", [f"resume={run}", "iterations=8", "+scheduler.T_max=16", "force_resume=true"], cwd=tmp_path)
     assert "first total" not in forced.stdout + forced.stderr
     state = torch.load(run / "last.pt", weights_only=True)
-    assert state["iteration"] == 8 and state["scheduler"]["T_max"] == 8 and state["scheduler"]["last_epoch"] == 8
+    assert state["iteration"] == 8 and state["scheduler"]["T_max"] == 16 and state["scheduler"]["last_epoch"] == 8
+    group = state["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(group["initial_lr"] * 0.5, rel=1e-6)
+    assert any(not torch.equal(before[name], state["model"][name]) for name in before)
 
 
 def test_resume_follows_moved_class_lists_and_refuses_other_classes_unless_forced(tmp_path, small_omniglot, capsys):

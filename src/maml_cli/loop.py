@@ -371,11 +371,7 @@ class MetaTrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
-            # The saved state holds the scheduler's settings as well as its progress: the config's settings win, so that
-            # a forced change (scheduler.T_max=... force_resume=true) is not undone by the state it resumes from.
-            built = self.scheduler.state_dict()
-            settings = {key: built[key] for key in (self.config.get("scheduler") or {}) if key in built}
-            self.scheduler.load_state_dict({**state["scheduler"], **settings})
+            self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["train_generator"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():

@@ -41,10 +41,10 @@ def unknown_key_message(key: str, known: list[str]) -> str:
     if suggestion:
         return f"unknown key {key}.{suggestion}"
     if "." in key and not known:
-        # A node that is null unless set (scheduler): nothing is declared under it until a key is added with a plus.
+        # A node that is empty or null unless set (scheduler; on a resume, the typed config's): nothing is declared
+        # under it until a key is added with a plus.
         node = key.rsplit(".", 1)[0]
-        return (f"unknown key {key}: {node} is not set here (null), so it has no keys to change. Add one with a plus, "
-                f"+{key}=<value> (on resume=<run>, that is how a key of the run's own {node} is typed).")
+        return f"unknown key {key}: {node} holds no keys here (empty, or null unless set). Add one with a plus: +{key}=<value>."
     where = f" under {key.rsplit('.', 1)[0]}" if "." in key else ""
     return f"unknown key {key}. Keys{where}: {', '.join(sorted(known))}."
 

@@ -33,6 +33,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from maml_cli import config as config_module
 from maml_cli import distributed
+from maml_cli.algorithms.base import Algorithm
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
                             algorithm_name, check_inner_loop_overrides, check_one_schedule, dataset_name, flatten, hparams, resolve_device, resume_config, settle_model_choices,
                             typed_keys, unflatten, validate, without_own_settings)
@@ -103,7 +104,7 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
             # Elsewhere iterations only says where to stop; here the outer rate's schedule is spread over it.
             differences.append(f"iterations: {saved['iterations']!r} -> {current['iterations']!r} (algo anneals its outer "
                                f"learning rate over the run's iterations, so a new total changes the schedule)")
-    if "iterations" in typed and saved.get("iterations") != current["iterations"]:
+    if "iterations" in typed and current["iterations"] > saved.get("iterations", current["iterations"]):
         warn_scheduler_keeps_its_total(saved, current, typed)
     if differences and not cfg.force_resume:
         raise UserError(f"resume={cfg.resume}: the command sets {'; '.join(differences)} (the run's value -> the typed one), "
@@ -115,8 +116,9 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
 
 def warn_scheduler_keeps_its_total(saved: dict, current: dict, typed: set[str]) -> None:
     """A resume that raises ``iterations`` leaves the run's ``scheduler`` as saved: a setting that was the run's first
-    total (``scheduler.T_max=${iterations}``, saved as its value) keeps it, and the schedule goes on past it as its class
-    defines (a cosine rises again). Said, with the command that spreads it over the new total."""
+    total (``scheduler.T_max=${iterations}``, saved as its value) keeps it, and past it the schedule does what its class
+    does after its total (a cosine rises again; OneCycleLR stops with an error). Said, with the command that spreads it
+    over the new total."""
     total = saved["iterations"]
     tied = [key for key, value in saved.items() if key.startswith("scheduler.") and key not in typed
             and type(value) is int and value == total]
@@ -124,9 +126,32 @@ def warn_scheduler_keeps_its_total(saved: dict, current: dict, typed: set[str]) 
         # + : on a resume the typed config's scheduler is null until a key is added (the run's own is in the saved config).
         retype = " ".join(f"+{key}={current['iterations']}" for key in tied)
         log.warning("iterations %s -> %s: the run's %s %s its first total (%s), which the saved config keeps; past it the "
-                    "schedule goes on as %s defines. To spread it over the new total instead, add %s force_resume=true.",
+                    "schedule does what %s does after its total. To spread it over the new total instead, add %s force_resume=true.",
                     total, current["iterations"], ", ".join(tied), "is" if len(tied) == 1 else "are", total,
                     str(saved.get("scheduler._target_", "its class")).rsplit(".", 1)[-1], retype)
+
+
+def replayed_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm: Algorithm,
+                       iteration: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ``scheduler`` a forced resume changed, rebuilt and stepped from the start to ``iteration``: the rate is the
+    one the new schedule gives there. Restoring the saved state would put the old settings back (a scheduler saves
+    them with its progress), and overlaying the new ones on it is wrong for schedules that compute each rate from the
+    previous one (a cosine already at its floor stays there) or keep derived tables (OneCycleLR's phases).
+
+    Raises:
+        UserError: the new schedule ends before ``iteration`` (OneCycleLR's ``total_steps``).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"])
+    scheduler = build_scheduler(cfg, optimizer, algorithm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "step() before optimizer.step()": nothing trains while the rate is replayed
+        try:
+            for _ in range(iteration):
+                scheduler.step()
+        except ValueError as err:
+            raise UserError(f"resume={cfg.resume}: the scheduler as typed cannot reach the run's iteration {iteration}: {err}") from err
+    return scheduler
 
 
 def check_class_split(cfg: DictConfig, resume_state: dict, class_split: dict) -> None:
@@ -241,6 +266,8 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         for stale in run_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by kill -9
             stale.unlink(missing_ok=True)
         trainer.restore(resume_state)
+        if scheduler is not None and config.get("scheduler") != resume_state["config"].get("scheduler"):
+            trainer.scheduler = replayed_scheduler(cfg, optimizer, algorithm, trainer.state.iteration)
         log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
     elif ranks.main:
         # TensorBoard takes the HParams table's metric columns from the first run it reads: every run declares the
