@@ -104,7 +104,7 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
             # Elsewhere iterations only says where to stop; here the outer rate's schedule is spread over it.
             differences.append(f"iterations: {saved['iterations']!r} -> {current['iterations']!r} (algo anneals its outer "
                                f"learning rate over the run's iterations, so a new total changes the schedule)")
-    if "iterations" in typed and current["iterations"] > saved.get("iterations", current["iterations"]):
+    if "iterations" in typed and current["iterations"] > saved.get("iterations", current["iterations"]) and distributed.current().main:
         warn_scheduler_keeps_its_total(saved, current, typed)
     if differences and not cfg.force_resume:
         raise UserError(f"resume={cfg.resume}: the command sets {'; '.join(differences)} (the run's value -> the typed one), "
