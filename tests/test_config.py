@@ -1,6 +1,7 @@
 """Every config composes and instantiates; the schema rejects unknown keys and wrong types by name."""
 import math
 from pathlib import Path
+import warnings
 
 import pytest
 import torch
@@ -250,6 +251,23 @@ def test_a_scheduler_beside_an_algorithm_that_anneals_its_own_outer_rate_is_refu
         build_scheduler(cfg, build_optimizer(cfg, model), build_algorithm(cfg))
 
 
+def test_a_one_cycle_schedule_shorter_than_the_run_is_refused_before_training(small_omniglot):
+    def scheduler_for(total_steps):
+        cfg = compose_config([f"data_root={small_omniglot}", *SMALL_OVERRIDES, "iterations=5",
+                              "+scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "+scheduler._partial_=true",
+                              "+scheduler.max_lr=0.01", f"+scheduler.total_steps={total_steps}"])
+        model = build_model(cfg, build_tasks(cfg), build_algorithm(cfg))
+        return build_scheduler(cfg, build_optimizer(cfg, model), build_algorithm(cfg))
+
+    with pytest.raises(UserError, match=r"OneCycleLR's schedule has 4 steps .* iterations=5: it would stop with an error at step 5"):
+        scheduler_for(4)
+    scheduler = scheduler_for(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # step() before optimizer.step()
+        for _ in range(5):  # as the loop does, once per meta-update: the run's length is accepted and reached
+            scheduler.step()
+
+
 def test_data_root_defaults_to_env_var_then_user_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MAML_CLI_DATA", str(tmp_path / "data"))
     assert compose_config([]).data_root == str(tmp_path / "data")
@@ -287,6 +305,8 @@ def run_main_in_process(cwd, *args):
     (["way=five"], "way must be an integer (got 'five')"),
     (["dataset.split=vinyal"], "dataset.split=vinyal is not one of random, lake, vinyals. Did you mean vinyals?"),
     (["algo.first_order=maybe"], "algo.first_order must be true or false"),
+    (["dataset=sinusoid", "model.hidden.x=1"], "model.hidden.x: model.hidden is a list, whose items are numbered, not named. "
+                                                "Set one item by its index (model.hidden.0=<value>)"),
 ])
 def test_misspelt_keys_choices_and_types_get_one_paragraph_with_a_suggestion(tmp_path, args, expected):
     code, err = run_main_in_process(tmp_path, *args)

@@ -211,17 +211,30 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm
     recipe prescribes (``outer_lr_schedule``: Reptile's linear annealing, MAML++'s cosine), or None.
 
     Raises:
-        UserError: both are set, which would apply two schedules to one rate.
+        UserError: both are set, which would apply two schedules to one rate; or the run's schedule ends before its
+            ``iterations`` (see ``check_schedule_lasts``).
     """
     schedule = algorithm.outer_lr_schedule if algorithm is not None else None
     if cfg.get("scheduler") is not None:
         if algorithm is not None:
             check_one_schedule(cfg, algorithm)
-        return _instantiate(cfg.scheduler, "learning-rate scheduler")(optimizer)
+        scheduler = _instantiate(cfg.scheduler, "learning-rate scheduler")(optimizer)
+        check_schedule_lasts(scheduler, int(cfg.iterations))
+        return scheduler
     if schedule is None:
         return None
     base_lr, iterations = float(cfg.outer_lr), int(cfg.iterations)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: schedule(base_lr, iteration, iterations) / base_lr)
+
+
+def check_schedule_lasts(scheduler: torch.optim.lr_scheduler.LRScheduler, iterations: int) -> None:
+    """Refuse a OneCycleLR shorter than the run before training starts: stepped past its ``total_steps`` it raises,
+    which would end the run there (the other schedulers of torch.optim keep their last rate or go on cycling)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and scheduler.total_steps < iterations:
+        raise UserError(f"scheduler: OneCycleLR's schedule has {scheduler.total_steps} steps (total_steps, or epochs x "
+                        f"steps_per_epoch) and the run has iterations={iterations}: it would stop with an error at step "
+                        f"{scheduler.total_steps + 1}. Give it the run's length: scheduler.total_steps=${{iterations}} (on a "
+                        f"resume that raises iterations: +scheduler.total_steps=<iterations> force_resume=true).")
 
 
 def check_one_schedule(cfg: DictConfig, algorithm: Algorithm) -> None:

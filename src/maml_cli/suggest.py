@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import traceback
 
 from hydra.errors import MissingConfigException
 from omegaconf import MISSING
@@ -96,4 +97,21 @@ def explain_config_error(error: BaseException, groups: tuple[str, ...] = GROUPS)
         if boolean:
             return f"{key} must be true or false (got {boolean.group(1)!r})."
         return f"{key}: {message}."
+    return None
+
+
+def explain_list_item_error(error: ValueError, overrides: list[str]) -> str | None:
+    """``model.hidden.x=1`` names an item of a list: OmegaConf raises a bare ValueError for it while Hydra applies the
+    overrides, which carries neither the key nor the list. The override is the one whose last part is the name
+    OmegaConf could not read as an index. None when the error is not that one."""
+    innermost = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ is not None else []
+    named = re.fullmatch(r"invalid literal for int\(\) with base 10: '(.*)'", str(error))
+    if not named or not innermost or innermost[0].name != "update" or "omegaconf" not in innermost[0].filename:
+        return None
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        parent, _, leaf = key.rpartition(".")
+        if parent and leaf == named.group(1):
+            return (f"{key}: {parent} is a list, whose items are numbered, not named. Set one item by its index "
+                    f"({parent}.0=<value>) or the whole list ({parent}=[<value>, ...]).")
     return None

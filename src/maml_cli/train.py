@@ -42,7 +42,7 @@ from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.errors import UserError
 from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation
 from maml_cli.run_lock import run_lock
-from maml_cli.suggest import explain_config_error
+from maml_cli.suggest import explain_config_error, explain_list_item_error
 from maml_cli.tasks import TASK_KINDS
 from maml_cli.threads import set_up_cpu
 
@@ -117,8 +117,8 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
 def warn_scheduler_keeps_its_total(saved: dict, current: dict, typed: set[str]) -> None:
     """A resume that raises ``iterations`` leaves the run's ``scheduler`` as saved: a setting that was the run's first
     total (``scheduler.T_max=${iterations}``, saved as its value) keeps it, and past it the schedule does what its class
-    does after its total (a cosine rises again; OneCycleLR stops with an error). Said, with the command that spreads it
-    over the new total."""
+    does after its total (a cosine rises again; a OneCycleLR is refused by ``build_scheduler``). Said, with the command
+    that spreads it over the new total."""
     total = saved["iterations"]
     tied = [key for key, value in saved.items() if key.startswith("scheduler.") and key not in typed
             and type(value) is int and value == total]
@@ -412,6 +412,12 @@ def main() -> None:
         if _user_wants_tracebacks:
             raise
         explanation = explain_config_error(err) or str(err).strip().splitlines()[0]
+        print(f"maml-train: error: {explanation}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as err:
+        explanation = None if _user_wants_tracebacks else explain_list_item_error(err, sys.argv[1:])
+        if explanation is None:
+            raise
         print(f"maml-train: error: {explanation}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
