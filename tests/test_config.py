@@ -139,7 +139,7 @@ def test_the_lstm_network_computes_each_step_on_its_own_for_every_dataset_and_mo
     try:
         network = build_model(cfg, tasks, build_algorithm(cfg))
     except UserError as error:  # a model that does not fit the dataset (conv4 on sinusoid), not a leak
-        assert "does not fit dataset" in str(error)
+        assert dataset == "sinusoid" and model != "mlp" and "is not built for the inputs of dataset=sinusoid" in str(error)
         return
     assert not network.mixes_examples
     episode = tasks.sampler("train", cfg.way, 2, 0).sample(torch.Generator().manual_seed(0))
@@ -149,6 +149,22 @@ def test_the_lstm_network_computes_each_step_on_its_own_for_every_dataset_and_mo
     later[-1] = later[-1] + 1.0
     changed, _ = network(later[None], labels_in)
     torch.testing.assert_close(changed[0, :-1], outputs[0, :-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algo", ["maml", "anil", "protonet", "lstm"])
+def test_the_mlp_reads_images_flattened(algo, small_omniglot):
+    cfg = compose_config([f"algo={algo}", "model=mlp", "model.hidden=[32,16]", f"data_root={small_omniglot}", *SMALL_OVERRIDES])
+    _instantiate_all(cfg)
+    first = dict(build_model(cfg, build_tasks(cfg), build_algorithm(cfg)).named_parameters())
+    assert any(p.shape == (32, 28 * 28) for p in first.values())  # one input per pixel
+
+
+@pytest.mark.parametrize("model", ["conv4", "resnet12"])
+def test_an_image_model_on_vectors_is_refused_naming_the_models_that_fit(model):
+    cfg = compose_config(["dataset=sinusoid", f"model={model}"])
+    with pytest.raises(UserError, match=rf"^model={model} is not built for the inputs of dataset=sinusoid, which are vectors "
+                                        r"of 1 value; models that are: model=mlp\.$"):
+        build_model(cfg, build_tasks(cfg), build_algorithm(cfg))
 
 
 def test_the_build_chooses_per_example_normalisation_for_the_lstm_and_refuses_batch_statistics(small_omniglot):

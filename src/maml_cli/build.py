@@ -6,20 +6,22 @@ config read. Everything built here takes plain arguments.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from pathlib import Path
 from typing import Any, Collection
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from maml_cli.algorithms.base import Algorithm
 from maml_cli.algorithms.registry import field_bounds, registered_algorithms, registered_by_target
-from maml_cli.config import Config, config_dir
+from maml_cli.config import MODEL_SCHEMAS, Config, config_dir
 from maml_cli.data.base import ImageShaped, ImageTaskFamily, TaskFamily, VectorShaped, VectorTaskFamily
+from maml_cli.data.registry import registered_dataset_by_target
 from maml_cli.errors import UserError
 from maml_cli.tasks import EpisodeSampler
 from maml_cli.suggest import GROUPS, HIDDEN_FIELDS, schema_fields, unknown_key_message
@@ -153,8 +155,8 @@ def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: A
     (:func:`settle_model_choices`).
 
     Raises:
-        UserError: the model does not fit the dataset, or it mixes the examples of a batch
-            and the algorithm needs each example computed on its own.
+        UserError: the model is not built for the dataset's inputs, or cannot be built from its config, or it mixes
+            the examples of a batch and the algorithm needs each example computed on its own.
     """
     settle_model_choices(cfg, algorithm)
     outputs = cfg.way if tasks.kind.name == "classification" else 1
@@ -167,13 +169,14 @@ def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: A
     if algorithm.network == "embedding" and tasks.kind.name != "classification":
         raise UserError(f"algo={algorithm_name(cfg)} classifies by distances to class prototypes and needs a classification "
                         f"dataset (an image dataset, e.g. dataset=omniglot); dataset={dataset_name(cfg)} is {tasks.kind.name}.")
+    check_model_takes(cfg, set(shape), tasks)
     if "channels_last" in cfg.model:
         chosen = cfg.model.channels_last
         shape["channels_last"] = default_channels_last(device) if chosen is None else bool(chosen)
     try:
         backbone = _instantiate(cfg.model, "model", **shape, out_features=outputs if algorithm.network == "classifier" else 0)
     except UserError as err:
-        raise UserError(f"model {cfg.model._target_} does not fit dataset {cfg.dataset._target_}: {err}") from err
+        raise UserError(f"model={model_name(cfg)} ({cfg.model._target_}) could not be built for dataset={dataset_name(cfg)}: {err}") from err
     network = backbone
     if algorithm.network == "recurrent":
         network = algorithm.make_network(backbone, input_size, label_size=outputs, out_features=outputs,
@@ -187,6 +190,27 @@ def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: A
                         f"configured mixes the examples of a batch (batch statistics): a later image would change an earlier "
                         f"step's output. Use {fix}.")
     return network.to(device)
+
+
+def model_arguments(target: str) -> set[str] | None:
+    """The arguments the model class ``target`` is built with; None when it cannot be imported (the build says why)."""
+    try:
+        return set(inspect.signature(get_class(target)).parameters)
+    except (ImportError, ValueError, TypeError):
+        return None
+
+
+def check_model_takes(cfg: DictConfig, inputs: set[str], tasks: ImageShaped | VectorShaped) -> None:
+    """Refuse a model that is not built for the dataset's inputs, naming the models that are: a model of
+    ``conf/model/`` takes ``in_features`` (vectors), or ``in_channels`` and ``image_size`` (images), or both."""
+    arguments = model_arguments(cfg.model._target_)
+    if arguments is None or inputs <= arguments:
+        return
+    given = (f"{tasks.in_channels}x{tasks.image_size}x{tasks.image_size} images" if isinstance(tasks, ImageShaped)
+             else f"vectors of {tasks.in_features} value{'s' if tasks.in_features != 1 else ''}")
+    fitting = [name for name, schema in MODEL_SCHEMAS.items() if inputs <= (model_arguments(schema._target_) or set())]
+    raise UserError(f"model={model_name(cfg)} is not built for the inputs of dataset={dataset_name(cfg)}, which are {given}"
+                    f"{'; models that are: ' + ', '.join(f'model={name}' for name in fitting) if fitting else ''}.")
 
 
 def build_samplers(cfg: DictConfig, tasks: TaskFamily, algorithm: Algorithm, device: torch.device) -> dict[str, EpisodeSampler]:
@@ -252,7 +276,15 @@ def algorithm_name(cfg: DictConfig) -> str:
 
 
 def dataset_name(cfg: DictConfig) -> str:
-    return hydra_choice("dataset") or cfg.dataset._target_.rsplit(".", 1)[-1]
+    """``dataset=<name>`` as typed (or as registered, outside a Hydra app)."""
+    entry = registered_dataset_by_target(cfg.dataset._target_)
+    return hydra_choice("dataset") or (entry.name if entry is not None else cfg.dataset._target_.rsplit(".", 1)[-1])
+
+
+def model_name(cfg: DictConfig) -> str:
+    """``model=<name>`` as typed (or the ``conf/model/`` entry that builds it, outside a Hydra app)."""
+    known = next((name for name, schema in MODEL_SCHEMAS.items() if schema._target_ == cfg.model._target_), None)
+    return hydra_choice("model") or known or cfg.model._target_.rsplit(".", 1)[-1]
 
 
 INNER_LOOP_KEYS = ("inner_lr", "inner_steps", "test_inner_steps", "score_every")

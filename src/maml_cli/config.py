@@ -43,6 +43,10 @@ class ResNet12Config:
     channels_last: Optional[bool] = None  # None: build_model chooses by device (build.default_channels_last)
 
 
+# conf/model/<name>.yaml builds on schema/model/<name>.
+MODEL_SCHEMAS: dict[str, type] = {"conv4": Conv4Config, "mlp": MLPConfig, "resnet12": ResNet12Config}
+
+
 @dataclass
 class OptimizerConfig:
     _target_: str = "torch.optim.Adam"
@@ -162,9 +166,8 @@ def register() -> None:
         store.store(group="schema/algo", name=name, node=entry.schema)
     for name, dataset in registered_datasets().items():
         store.store(group="schema/dataset", name=name, node=dataset.schema)
-    store.store(group="schema/model", name="conv4", node=Conv4Config)
-    store.store(group="schema/model", name="mlp", node=MLPConfig)
-    store.store(group="schema/model", name="resnet12", node=ResNet12Config)
+    for name, schema in MODEL_SCHEMAS.items():
+        store.store(group="schema/model", name=name, node=schema)
 
 
 def config_dir() -> str:

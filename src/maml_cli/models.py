@@ -293,18 +293,22 @@ class ResNet12(nn.Module):
 
 
 class MLP(nn.Module):
-    """Fully connected ReLU network; 1-40-40-1 is the sinusoid regressor of Finn et al. (2017).
+    """Fully connected ReLU network; 1-40-40-1 is the sinusoid regressor of Finn et al. (2017). Over images it reads
+    each one flattened (Finn et al.'s non-convolutional Omniglot network has hidden layers of 256, 128, 64 and 64).
 
     Args:
-        in_features: input size.
+        in_features: input size; or, for images, ``in_channels`` and ``image_size``.
         out_features: output size, or 0 for no output layer (the last hidden layer is the embedding).
         hidden: sizes of the hidden layers.
     """
 
-    def __init__(self, in_features: int = 1, out_features: int = 1, hidden: tuple[int, ...] = (40, 40)) -> None:
+    def __init__(self, in_features: int | None = None, out_features: int = 1, hidden: tuple[int, ...] = (40, 40),
+                 in_channels: int | None = None, image_size: int | None = None) -> None:
         super().__init__()
+        if (in_features is None) == (in_channels is None or image_size is None):
+            raise ValueError("MLP takes in_features (vectors), or in_channels and image_size (images)")
         layers: list[nn.Module] = []
-        size = in_features
+        size = in_features if in_features is not None else in_channels * image_size ** 2
         for width in hidden:
             layers += [nn.Linear(size, width), nn.ReLU()]
             size = width
@@ -330,7 +334,7 @@ class MLP(nn.Module):
         """Outputs of inputs ``x`` (``part="all"``), their last hidden layer (``"body"``), or the head on such features (``"head"``)."""
         if part == "head":
             return self.head(x)
-        h = self.body(x)
+        h = self.body(x.flatten(1))
         return h if part == "body" else self.head(h)
 
 
