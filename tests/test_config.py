@@ -17,6 +17,7 @@ from maml_cli.errors import UserError
 from maml_cli.algorithms.base import scored as scored_predictors
 from maml_cli.data.base import ImageTaskFamily
 from maml_cli.learner import dataset_inputs
+from maml_cli.models import MLP
 from maml_cli.loop import accumulate_meta_gradient, evaluate, functional_forward
 from maml_cli.tasks import EpisodeBatch
 
@@ -167,6 +168,18 @@ def test_an_image_model_on_vectors_is_refused_naming_the_models_that_fit(model):
         build_model(cfg, build_tasks(cfg), build_algorithm(cfg))
 
 
+class AnyInputsMLP(MLP):
+    """A user's model that passes every keyword on: what it takes is known only by building it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+
+def test_a_model_that_takes_any_keyword_is_built_not_refused():
+    cfg = compose_config(["dataset=sinusoid", f"model._target_={__name__}.AnyInputsMLP"])
+    assert isinstance(build_model(cfg, build_tasks(cfg), build_algorithm(cfg)), AnyInputsMLP)
+
+
 def test_the_build_chooses_per_example_normalisation_for_the_lstm_and_refuses_batch_statistics(small_omniglot):
     base = [f"data_root={small_omniglot}", *SMALL_OVERRIDES]
     for algo, chosen in (("lstm", "example"), ("maml", "batch"), ("protonet", "batch")):
@@ -220,6 +233,17 @@ def test_unknown_keys_and_wrong_types_fail_naming_the_key(override, key):
     assert key in " ".join(chain)
 
 
+def test_the_outer_optimizer_takes_its_own_classs_settings_with_a_plus_and_refuses_others_naming_them():
+    cfg = compose_config(["dataset=sinusoid", "optimizer._target_=torch.optim.SGD", "+optimizer.momentum=0.9", "+optimizer.nesterov=true"])
+    validate(cfg)
+    optimizer = build_optimizer(cfg, build_model(cfg, build_tasks(cfg), build_algorithm(cfg)))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["nesterov"]
+    with pytest.raises(UserError, match=r"unknown key optimizer.momentum. Keys under optimizer: amsgrad, betas, .*weight_decay"):
+        validate(compose_config(["dataset=sinusoid", "+optimizer.momentum=0.9"]))  # Adam has none
+    with pytest.raises(UserError, match=r"unknown key optimizer.momentun. Did you mean momentum"):
+        validate(compose_config(["optimizer._target_=torch.optim.SGD", "+optimizer.momentun=0.9"]))
+
+
 @pytest.mark.parametrize("override,key", [("+algo.foo=1", "algo.foo"), ("+dataset.splitt=lake", "dataset.splitt")])
 def test_keys_appended_with_plus_are_rejected_before_any_work(override, key):
     with pytest.raises(UserError, match=f"unknown key {key}"):
@@ -252,6 +276,11 @@ def test_a_config_file_with_a_misspelt_key_is_rejected(tmp_path):
     ("tasks_at_once=0", "tasks_at_once must be at least 1"),
     ("threads=many", "threads must be auto or a whole number of at least 1"),
     ("threads=0", "threads must be auto or a whole number of at least 1"),
+    ("inner_lr=inf", "inner_lr must be positive and finite"),
+    ("algo=reptile algo.final_outer_lr=inf", "algo.final_outer_lr must be finite"),
+    ("dataset=sinusoid model.hidden=[40,0]", r"model.hidden must be at least 1 \(got \[40, 0\]\)"),
+    ("dataset=sinusoid model.hidden=[-3]", "model.hidden must be at least 1"),
+    ("model.hidden=0", "model.hidden must be at least 1"),
 ])
 def test_out_of_range_values_are_user_errors(override, message):
     with pytest.raises(UserError, match=message):
@@ -323,6 +352,11 @@ def run_main_in_process(cwd, *args):
     (["algo.first_order=maybe"], "algo.first_order must be true or false"),
     (["dataset=sinusoid", "model.hidden.x=1"], "model.hidden.x: model.hidden is a list, whose items are numbered, not named. "
                                                 "Set one item by its index (model.hidden.0=<value>)"),
+    (["optimizer=sgd"], "optimizer=sgd: optimizer is not a choice of configs but a node of settings; set its class with "
+                        "optimizer._target_=<class> (e.g. optimizer._target_=torch.optim.SGD)"),
+    (["dataset=sinusoid", "model.hidden.x.y=1"], "model.hidden.x.y: model.hidden is a list, whose items are numbered"),
+    (["dataset=sinusoid", "model._target_=maml_cli.models.Conv4"],
+     "model=conv4 is not built for the inputs of dataset=sinusoid, which are vectors of 1 value; models that are: model=mlp."),
 ])
 def test_misspelt_keys_choices_and_types_get_one_paragraph_with_a_suggestion(tmp_path, args, expected):
     code, err = run_main_in_process(tmp_path, *args)

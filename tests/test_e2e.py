@@ -509,7 +509,7 @@ def test_patience_stops_early_and_the_final_test_scores_best_pt(tmp_path):
 
 def test_bad_input_is_one_paragraph_unless_hydra_full_error_asks_for_the_traceback(tmp_path):
     short = run_cli("maml-train", ["dataset=sinusoid", "inner_lr=-1"], cwd=tmp_path, check=False)
-    assert short.returncode == 2 and short.stderr.strip() == "maml-train: error: invalid config: inner_lr must be positive (got -1.0)."
+    assert short.returncode == 2 and short.stderr.strip() == "maml-train: error: invalid config: inner_lr must be positive and finite (got -1.0)."
     full = run_cli("maml-train", ["dataset=sinusoid", "inner_lr=-1"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}, check=False)
     assert full.returncode != 0 and "Traceback" in full.stderr and "inner_lr must be positive" in full.stderr
 

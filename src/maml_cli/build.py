@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 from pathlib import Path
 from typing import Any, Collection
@@ -70,11 +71,13 @@ def validate(cfg: DictConfig) -> None:
         schema = OmegaConf.get_type(cfg[node_name])
         if dataclasses.is_dataclass(schema):
             declared = schema_fields(schema)
+            if node_name == "optimizer":  # its class's own settings, appended with + (+optimizer.weight_decay=1e-4)
+                declared += sorted((constructor_arguments(cfg.optimizer._target_) or set()) - {"params", *declared})
             problems += [unknown_key_message(f"{node_name}.{key}", declared) for key in cfg[node_name]
                          if key not in declared and key not in HIDDEN_FIELDS]
     for key in ("inner_lr", "outer_lr"):
-        if not cfg[key] > 0:
-            problems.append(f"{key} must be positive (got {cfg[key]})")
+        if not 0 < cfg[key] < math.inf:
+            problems.append(f"{key} must be positive and finite (got {cfg[key]})")
     for key, low in (("way", 1), ("shot", 1), ("query", 1), ("meta_batch_size", 1), ("tasks_at_once", 1), ("inner_steps", 0),
                      ("test_inner_steps", 0), ("iterations", 0), ("log_every", 1), ("val_every", 1),
                      ("val_tasks", 1), ("test_tasks", 1), ("score_every", 1), ("checkpoint_every", 1)):
@@ -87,6 +90,8 @@ def validate(cfg: DictConfig) -> None:
             entries = list(value) if OmegaConf.is_list(value) else [value]  # a list field (model.hidden) bounds each entry
             if any(v is not None and (v <= low if strictly else v < low) for v in entries):
                 problems.append(f"{node_name}.{key} must be {'above' if strictly else 'at least'} {low} (got {value})")
+            elif any(v is not None and not math.isfinite(v) for v in entries):
+                problems.append(f"{node_name}.{key} must be finite (got {value})")
     if threads_problem(cfg.threads):
         problems.append(threads_problem(cfg.threads))
     if cfg.get("patience") is not None and cfg.patience < 1:
@@ -176,7 +181,7 @@ def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: A
     try:
         backbone = _instantiate(cfg.model, "model", **shape, out_features=outputs if algorithm.network == "classifier" else 0)
     except UserError as err:
-        raise UserError(f"model={model_name(cfg)} ({cfg.model._target_}) could not be built for dataset={dataset_name(cfg)}: {err}") from err
+        raise UserError(f"{model_setting(cfg)} on dataset={dataset_name(cfg)}: {err}") from err
     network = backbone
     if algorithm.network == "recurrent":
         network = algorithm.make_network(backbone, input_size, label_size=outputs, out_features=outputs,
@@ -192,24 +197,28 @@ def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: A
     return network.to(device)
 
 
-def model_arguments(target: str) -> set[str] | None:
-    """The arguments the model class ``target`` is built with; None when it cannot be imported (the build says why)."""
+def constructor_arguments(target: str) -> set[str] | None:
+    """The arguments the class ``target`` is built with; None when it cannot be imported (the build says why) or
+    takes any keyword (``**kwargs``: what it accepts is known only by building it)."""
     try:
-        return set(inspect.signature(get_class(target)).parameters)
+        parameters = inspect.signature(get_class(target)).parameters
     except (ImportError, ValueError, TypeError):
         return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters)
 
 
 def check_model_takes(cfg: DictConfig, inputs: set[str], tasks: ImageShaped | VectorShaped) -> None:
     """Refuse a model that is not built for the dataset's inputs, naming the models that are: a model of
     ``conf/model/`` takes ``in_features`` (vectors), or ``in_channels`` and ``image_size`` (images), or both."""
-    arguments = model_arguments(cfg.model._target_)
+    arguments = constructor_arguments(cfg.model._target_)
     if arguments is None or inputs <= arguments:
         return
     given = (f"{tasks.in_channels}x{tasks.image_size}x{tasks.image_size} images" if isinstance(tasks, ImageShaped)
              else f"vectors of {tasks.in_features} value{'s' if tasks.in_features != 1 else ''}")
-    fitting = [name for name, schema in MODEL_SCHEMAS.items() if inputs <= (model_arguments(schema._target_) or set())]
-    raise UserError(f"model={model_name(cfg)} is not built for the inputs of dataset={dataset_name(cfg)}, which are {given}"
+    fitting = [name for name, schema in MODEL_SCHEMAS.items() if inputs <= (constructor_arguments(schema._target_) or set())]
+    raise UserError(f"{model_setting(cfg)} is not built for the inputs of dataset={dataset_name(cfg)}, which are {given}"
                     f"{'; models that are: ' + ', '.join(f'model={name}' for name in fitting) if fitting else ''}.")
 
 
@@ -253,11 +262,12 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm
 
 def check_schedule_lasts(scheduler: torch.optim.lr_scheduler.LRScheduler, iterations: int) -> None:
     """Refuse a OneCycleLR shorter than the run before training starts: stepped past its ``total_steps`` it raises,
-    which would end the run there (the other schedulers of torch.optim keep their last rate or go on cycling)."""
+    which would end the run there (the other schedulers of torch.optim keep their last rate or go on cycling). One
+    inside a SequentialLR or ChainedScheduler is not looked into."""
     if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and scheduler.total_steps < iterations:
         raise UserError(f"scheduler: OneCycleLR's schedule has {scheduler.total_steps} steps (total_steps, or epochs x "
                         f"steps_per_epoch) and the run has iterations={iterations}: it would stop with an error at step "
-                        f"{scheduler.total_steps + 1}. Give it the run's length: scheduler.total_steps=${{iterations}} (on a "
+                        f"{scheduler.total_steps + 1}. Give it the run's length: '++scheduler.total_steps=${{iterations}}' (on a "
                         f"resume that raises iterations: +scheduler.total_steps=<iterations> force_resume=true).")
 
 
@@ -276,15 +286,17 @@ def algorithm_name(cfg: DictConfig) -> str:
 
 
 def dataset_name(cfg: DictConfig) -> str:
-    """``dataset=<name>`` as typed (or as registered, outside a Hydra app)."""
+    """``dataset=<name>``: the registered dataset that builds ``dataset._target_``, else the class's name (not Hydra's
+    choice, which on a resume is the command's default rather than the run's dataset)."""
     entry = registered_dataset_by_target(cfg.dataset._target_)
-    return hydra_choice("dataset") or (entry.name if entry is not None else cfg.dataset._target_.rsplit(".", 1)[-1])
+    return entry.name if entry is not None else cfg.dataset._target_.rsplit(".", 1)[-1]
 
 
-def model_name(cfg: DictConfig) -> str:
-    """``model=<name>`` as typed (or the ``conf/model/`` entry that builds it, outside a Hydra app)."""
+def model_setting(cfg: DictConfig) -> str:
+    """``model=<name>`` for the ``conf/model/`` entry that builds ``model._target_``, else ``model._target_=<class>``
+    (a model of the user's own, or a resume's, whose Hydra choices are the command's defaults)."""
     known = next((name for name, schema in MODEL_SCHEMAS.items() if schema._target_ == cfg.model._target_), None)
-    return hydra_choice("model") or known or cfg.model._target_.rsplit(".", 1)[-1]
+    return f"model={known}" if known is not None else f"model._target_={cfg.model._target_}"
 
 
 INNER_LOOP_KEYS = ("inner_lr", "inner_steps", "test_inner_steps", "score_every")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +24,7 @@ from maml_cli.models import BatchNormMode
 @dataclass
 class Conv4Config:
     _target_: str = "maml_cli.models.Conv4"
-    hidden: int = 64
+    hidden: int = at_least(1, 64)  # filters per layer
     batch_norm: Optional[BatchNormMode] = None  # None: chosen for the algorithm (build.settle_model_choices)
     channels_last: Optional[bool] = None  # None: build_model chooses by device (build.default_channels_last)
 
@@ -32,7 +32,7 @@ class Conv4Config:
 @dataclass
 class MLPConfig:
     _target_: str = "maml_cli.models.MLP"
-    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    hidden: list[int] = at_least(1, default_factory=lambda: [40, 40])  # each hidden layer's width; [] for none
 
 
 @dataclass

@@ -96,22 +96,29 @@ def explain_config_error(error: BaseException, groups: tuple[str, ...] = GROUPS)
         boolean = re.match(r"Value '(.*)' is not a valid bool", message)
         if boolean:
             return f"{key} must be true or false (got {boolean.group(1)!r})."
+        assigned = re.match(r"Invalid type assigned: str is not a subclass of \w+\. value: (.*)", message)
+        if assigned and dataclasses.is_dataclass(schema) and "." not in key:
+            return (f"{key}={assigned.group(1)}: {key} is not a choice of configs but a node of settings; set its class with "
+                    f"{key}._target_=<class> (e.g. {key}._target_=torch.optim.SGD) and its settings as {key}.<key>=<value>, "
+                    f"those not in the config with a plus (+{key}.momentum=0.9).")
         return f"{key}: {message}."
     return None
 
 
-def explain_list_item_error(error: ValueError, overrides: list[str]) -> str | None:
-    """``model.hidden.x=1`` names an item of a list: OmegaConf raises a bare ValueError for it while Hydra applies the
-    overrides, which carries neither the key nor the list. The override is the one whose last part is the name
-    OmegaConf could not read as an index. None when the error is not that one."""
-    innermost = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ is not None else []
-    named = re.fullmatch(r"invalid literal for int\(\) with base 10: '(.*)'", str(error))
-    if not named or not innermost or innermost[0].name != "update" or "omegaconf" not in innermost[0].filename:
+def explain_list_item_error(error: ValueError | TypeError, overrides: list[str]) -> str | None:
+    """``model.hidden.x=1`` (or ``model.hidden.x.y=1``) names an item of a list: OmegaConf raises a bare ValueError
+    (TypeError) for it while Hydra applies the overrides, which carries neither the key nor the list. The override is
+    the one with a part OmegaConf could not read as an index. None when the error is not that one."""
+    frames = traceback.extract_tb(error.__traceback__)
+    named = (re.fullmatch(r"invalid literal for int\(\) with base 10: '(.*)'", str(error))
+             or re.fullmatch(r"Index '(.*)' \(str\) is not an int", str(error)))
+    if not named or not frames or "omegaconf" not in frames[-1].filename:
         return None
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        parent, _, leaf = key.rpartition(".")
-        if parent and leaf == named.group(1):
+        parts = key.split(".")
+        if named.group(1) in parts[1:]:
+            parent = ".".join(parts[:parts.index(named.group(1), 1)])
             return (f"{key}: {parent} is a list, whose items are numbered, not named. Set one item by its index "
                     f"({parent}.0=<value>) or the whole list ({parent}=[<value>, ...]).")
     return None

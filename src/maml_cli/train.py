@@ -414,7 +414,7 @@ def main() -> None:
         explanation = explain_config_error(err) or str(err).strip().splitlines()[0]
         print(f"maml-train: error: {explanation}", file=sys.stderr)
         raise SystemExit(2) from None
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         explanation = None if _user_wants_tracebacks else explain_list_item_error(err, sys.argv[1:])
         if explanation is None:
             raise
