@@ -354,6 +354,12 @@ def run_main_in_process(cwd, *args):
                                                 "Set one item by its index (model.hidden.0=<value>)"),
     (["optimizer=sgd"], "optimizer=sgd: optimizer is not a choice of configs but a node of settings; set its class with "
                         "optimizer._target_=<class> (e.g. optimizer._target_=torch.optim.SGD)"),
+    (["dataset=sinusoid", "optimizer._target_=torch.optim.Nope"],
+     "could not build the optimizer: its _target_ torch.optim.Nope cannot be imported. Are you sure that 'Nope' is importable"),
+    (["dataset=sinusoid", "optimizer._target_=torch.optim.SGD", "+optimizer.momentum=-1"],
+     "could not build the optimizer from its config: ValueError: Invalid momentum value: -1"),
+    (["dataset=sinusoid", "~optimizer"], "optimizer cannot be removed (~optimizer): every run needs its optimizer"),
+    (["dataset=sinusoid", "+scheduler=cosine"], "scheduler=cosine: scheduler is not a choice of configs but a node of settings"),
     (["dataset=sinusoid", "model.hidden.x.y=1"], "model.hidden.x.y: model.hidden is a list, whose items are numbered"),
     (["dataset=sinusoid", "model._target_=maml_cli.models.Conv4"],
      "model=conv4 is not built for the inputs of dataset=sinusoid, which are vectors of 1 value; models that are: model=mlp."),
@@ -363,6 +369,13 @@ def test_misspelt_keys_choices_and_types_get_one_paragraph_with_a_suggestion(tmp
     assert code == 2 and err.startswith("maml-train: error: ") and expected in err, err
     assert "+inner_setps" not in err and "HYDRA_FULL_ERROR" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+
+
+def test_a_run_folder_the_system_refuses_is_one_line_naming_it(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    code, err = run_main_in_process(tmp_path, "dataset=sinusoid", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}")
+    assert code == 1 and err.startswith("maml-train: error: ") and str(tmp_path / "a_file") in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 @pytest.mark.parametrize("override,expected", [

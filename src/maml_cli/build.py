@@ -6,6 +6,7 @@ config read. Everything built here takes plain arguments.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
 import re
@@ -14,7 +15,7 @@ from typing import Any, Collection
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -62,6 +63,10 @@ def resolve_device(spec: str) -> torch.device:
 def validate(cfg: DictConfig) -> None:
     """Check what the schema's types cannot: values left to the user (``???``), ranges, and keys appended with
     ``+`` that no schema declares."""
+    removed = [node for node in ("algo", "dataset", "model", "optimizer") if node not in cfg]
+    if removed:
+        raise UserError(f"{', '.join(removed)} cannot be removed (~{removed[0]}): every run needs its {' and '.join(removed)}; "
+                        f"change {'its' if len(removed) == 1 else 'their'} keys instead.")
     problems = [f"{key} has no default and must be given, e.g. {key}=<{'folder' if key.endswith(('root', '_dir')) else 'value'}>"
                 for key in sorted(OmegaConf.missing_keys(cfg)) if not key.startswith("hydra.")]
     # Keys appended with + are not checked by Hydra against the schema; judge them by the schema's fields.
@@ -107,7 +112,12 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         cause = err.__cause__
         if isinstance(cause, UserError):
             raise cause
-        raise UserError(f"could not build the {what} from its config: {err}") from err
+        if isinstance(cause, ImportError):
+            # Hydra's text asks for HYDRA_FULL_ERROR=1; the last line of the ImportError's says what is missing.
+            missing = str(cause).strip().splitlines()[-1]
+            raise UserError(f"could not build the {what}: its _target_ {node._target_} cannot be imported. {missing}") from err
+        detail = "; ".join(line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("full_key:"))
+        raise UserError(f"could not build the {what} from its config: {detail}") from err
 
 
 def build_tasks(cfg: DictConfig) -> TaskFamily:
@@ -200,9 +210,11 @@ def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: A
 def constructor_arguments(target: str) -> set[str] | None:
     """The arguments the class ``target`` is built with; None when it cannot be imported (the build says why) or
     takes any keyword (``**kwargs``: what it accepts is known only by building it)."""
+    module, _, name = target.rpartition(".")
     try:
-        parameters = inspect.signature(get_class(target)).parameters
-    except (ImportError, ValueError, TypeError):
+        # Imported here rather than by hydra.utils.get_class, which logs an error for a target that is not there.
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return None
@@ -236,7 +248,15 @@ def build_algorithm(cfg: DictConfig) -> Algorithm:
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return _instantiate(cfg.optimizer, "optimizer")(model.parameters())
+    return _built(_instantiate(cfg.optimizer, "optimizer"), "optimizer", model.parameters())
+
+
+def _built(partial: Any, what: str, *args: Any) -> Any:
+    """``partial(*args)``, where a value of the config the class refuses (``+optimizer.momentum=abc``) is the user's error."""
+    try:
+        return partial(*args)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"could not build the {what} from its config: {type(err).__name__}: {err}") from err
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm: Algorithm | None = None) -> Any:
@@ -251,7 +271,11 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm
     if cfg.get("scheduler") is not None:
         if algorithm is not None:
             check_one_schedule(cfg, algorithm)
-        scheduler = _instantiate(cfg.scheduler, "learning-rate scheduler")(optimizer)
+        if not OmegaConf.is_dict(cfg.scheduler):
+            raise UserError(f"scheduler={cfg.scheduler}: scheduler is not a choice of configs but a node of settings; set its class "
+                            f"with +scheduler._target_=<class> (e.g. torch.optim.lr_scheduler.StepLR), +scheduler._partial_=true "
+                            f"and its settings as +scheduler.<key>=<value> (see conf/experiment/protonet_*.yaml).")
+        scheduler = _built(_instantiate(cfg.scheduler, "learning-rate scheduler"), "learning-rate scheduler", optimizer)
         check_schedule_lasts(scheduler, int(cfg.iterations))
         return scheduler
     if schedule is None:

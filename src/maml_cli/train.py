@@ -414,6 +414,12 @@ def main() -> None:
         explanation = explain_config_error(err) or str(err).strip().splitlines()[0]
         print(f"maml-train: error: {explanation}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as err:
+        if _user_wants_tracebacks or err.filename is None:
+            raise
+        # A folder or file the system refuses (hydra.run.dir where nothing can be made, a full disk): its path and why.
+        print(f"maml-train: error: {err.strerror or err}: {err.filename} (HYDRA_FULL_ERROR=1 shows where it happened)", file=sys.stderr)
+        raise SystemExit(1) from None
     except (ValueError, TypeError) as err:
         explanation = None if _user_wants_tracebacks else explain_list_item_error(err, sys.argv[1:])
         if explanation is None:
