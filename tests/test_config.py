@@ -355,9 +355,12 @@ def run_main_in_process(cwd, *args):
     (["optimizer=sgd"], "optimizer=sgd: optimizer is not a choice of configs but a node of settings; set its class with "
                         "optimizer._target_=<class> (e.g. optimizer._target_=torch.optim.SGD)"),
     (["dataset=sinusoid", "optimizer._target_=torch.optim.Nope"],
-     "could not build the optimizer: its _target_ torch.optim.Nope cannot be imported. Are you sure that 'Nope' is importable"),
+     "could not build the optimizer: its _target_ torch.optim.Nope cannot be imported (Are you sure that 'Nope' is importable"),
     (["dataset=sinusoid", "optimizer._target_=torch.optim.SGD", "+optimizer.momentum=-1"],
-     "could not build the optimizer from its config: ValueError: Invalid momentum value: -1"),
+     "torch.optim.SGD refused its settings: ValueError: Invalid momentum value: -1"),
+    (["dataset=sinusoid", "optimizer._target_=torch.optim.SDG", "+optimizer.momentum=0.9"],  # the class's name, not momentum
+     "could not build the optimizer: its _target_ torch.optim.SDG cannot be imported"),
+    (["dataset=sinusoid", "+scheduler.gamma=0.5"], "scheduler without _target_ and _partial_=true: scheduler is not a choice"),
     (["dataset=sinusoid", "~optimizer"], "optimizer cannot be removed (~optimizer): every run needs its optimizer"),
     (["dataset=sinusoid", "+scheduler=cosine"], "scheduler=cosine: scheduler is not a choice of configs but a node of settings"),
     (["dataset=sinusoid", "model.hidden.x.y=1"], "model.hidden.x.y: model.hidden is a list, whose items are numbered"),
@@ -369,6 +372,14 @@ def test_misspelt_keys_choices_and_types_get_one_paragraph_with_a_suggestion(tmp
     assert code == 2 and err.startswith("maml-train: error: ") and expected in err, err
     assert "+inner_setps" not in err and "HYDRA_FULL_ERROR" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+
+
+def test_a_target_whose_module_fails_to_import_names_what_failed(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text("import a_dependency_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = run_main_in_process(tmp_path, "dataset=sinusoid", "model._target_=my_models.Net")
+    assert code == 2 and "its _target_ my_models.Net cannot be imported" in err, err
+    assert "No module named 'a_dependency_not_installed'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_run_folder_the_system_refuses_is_one_line_naming_it(tmp_path):

@@ -185,6 +185,26 @@ def test_resume_that_raises_iterations_says_a_schedule_spread_over_the_first_tot
     assert any(not torch.equal(before[name], state["model"][name]) for name in before)
 
 
+def test_a_forced_change_of_the_outer_optimizer_on_resume_is_used_and_list_settings_keep_checkpoints_loadable(tmp_path):
+    # Rprop keeps its etas as given: a list from the command line must reach it as a plain list, or torch.load's safe
+    # loading refuses every checkpoint of the run.
+    run_in_process("maml-train", [*SINE, "optimizer._target_=torch.optim.Rprop", "+optimizer.etas=[0.4,1.3]"], cwd=tmp_path)
+    run = only_run(tmp_path)
+    assert list(torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["etas"]) == [0.4, 1.3]
+    # The same class with another setting, and outer_lr: loading the saved state puts the run's back; forced, the typed ones are used.
+    run_in_process("maml-train", [f"resume={run}", "iterations=5", "+optimizer.etas=[0.3,1.1]", "outer_lr=0.002", "force_resume=true"],
+                   cwd=tmp_path)
+    group = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert list(group["etas"]) == [0.3, 1.1] and group["lr"] == 0.002
+    # Another class: its state starts afresh, said in the log.
+    switched = run_in_process("maml-train", [f"resume={run}", "iterations=6", "optimizer._target_=torch.optim.SGD",
+                                             "+optimizer.momentum=0.9", "force_resume=true"], cwd=tmp_path)
+    assert "the outer optimizer is now torch.optim.SGD (the run's was torch.optim.Rprop)" in switched.stdout + switched.stderr
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["iteration"] == 6 and state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert "etas" not in state["optimizer"]["param_groups"][0]
+
+
 def test_resume_follows_moved_class_lists_and_refuses_other_classes_unless_forced(tmp_path, small_omniglot, capsys):
     # The run moves machines: its class lists are elsewhere there. The same classes may continue it; others may not.
     from conftest import write_small_vinyals_split

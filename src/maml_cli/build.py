@@ -77,7 +77,12 @@ def validate(cfg: DictConfig) -> None:
         if dataclasses.is_dataclass(schema):
             declared = schema_fields(schema)
             if node_name == "optimizer":  # its class's own settings, appended with + (+optimizer.weight_decay=1e-4)
-                declared += sorted((constructor_arguments(cfg.optimizer._target_) or set()) - {"params", *declared})
+                accepted = constructor_arguments(cfg.optimizer._target_)
+                if accepted is None or cfg.get("resume"):
+                    # Not importable (the build says so), taking any keyword, or a resume's (the command's default
+                    # class, not the run's): the class itself judges the keys when it is built.
+                    continue
+                declared += sorted(accepted - {"params", *declared})
             problems += [unknown_key_message(f"{node_name}.{key}", declared) for key in cfg[node_name]
                          if key not in declared and key not in HIDDEN_FIELDS]
     for key in ("inner_lr", "outer_lr"):
@@ -113,9 +118,13 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         if isinstance(cause, UserError):
             raise cause
         if isinstance(cause, ImportError):
-            # Hydra's text asks for HYDRA_FULL_ERROR=1; the last line of the ImportError's says what is missing.
-            missing = str(cause).strip().splitlines()[-1]
-            raise UserError(f"could not build the {what}: its _target_ {node._target_} cannot be imported. {missing}") from err
+            # Hydra's text asks for HYDRA_FULL_ERROR=1; what failed is the ImportError's own cause (a missing module,
+            # or an error raised while the user's module was imported), else its last line.
+            original = cause.__cause__
+            own_path = isinstance(original, ModuleNotFoundError) and f"{node._target_}.".startswith(f"{original.name}.")
+            why = (f"{type(original).__name__}: {original}" if original is not None and not own_path
+                   else str(cause).strip().splitlines()[-1])  # the target's own path: Hydra says which part is not there
+            raise UserError(f"could not build the {what}: its _target_ {node._target_} cannot be imported ({why}).") from err
         detail = "; ".join(line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("full_key:"))
         raise UserError(f"could not build the {what} from its config: {detail}") from err
 
@@ -248,15 +257,18 @@ def build_algorithm(cfg: DictConfig) -> Algorithm:
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return _built(_instantiate(cfg.optimizer, "optimizer"), "optimizer", model.parameters())
+    # _convert_: settings reach the class as plain lists and dicts, which the checkpoint's safe loading accepts (a
+    # ListConfig kept in the optimizer's state, as Rprop keeps etas, would make every checkpoint of the run unloadable).
+    return _built(_instantiate(cfg.optimizer, "optimizer", _convert_="all"), cfg.optimizer._target_, model.parameters())
 
 
-def _built(partial: Any, what: str, *args: Any) -> Any:
-    """``partial(*args)``, where a value of the config the class refuses (``+optimizer.momentum=abc``) is the user's error."""
+def _built(partial: Any, target: str, *args: Any) -> Any:
+    """``partial(*args)``: the class ``target`` checks the values of its settings when built (``+optimizer.momentum=-1``),
+    and what it refuses is said in one line, naming it."""
     try:
         return partial(*args)
     except (TypeError, ValueError) as err:
-        raise UserError(f"could not build the {what} from its config: {type(err).__name__}: {err}") from err
+        raise UserError(f"{target} refused its settings: {type(err).__name__}: {err}") from err
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm: Algorithm | None = None) -> Any:
@@ -271,11 +283,12 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, algorithm
     if cfg.get("scheduler") is not None:
         if algorithm is not None:
             check_one_schedule(cfg, algorithm)
-        if not OmegaConf.is_dict(cfg.scheduler):
-            raise UserError(f"scheduler={cfg.scheduler}: scheduler is not a choice of configs but a node of settings; set its class "
+        if not OmegaConf.is_dict(cfg.scheduler) or "_target_" not in cfg.scheduler or not cfg.scheduler.get("_partial_"):
+            typed = f"scheduler={cfg.scheduler}" if not OmegaConf.is_dict(cfg.scheduler) else "scheduler without _target_ and _partial_=true"
+            raise UserError(f"{typed}: scheduler is not a choice of configs but a node of settings; set its class "
                             f"with +scheduler._target_=<class> (e.g. torch.optim.lr_scheduler.StepLR), +scheduler._partial_=true "
                             f"and its settings as +scheduler.<key>=<value> (see conf/experiment/protonet_*.yaml).")
-        scheduler = _built(_instantiate(cfg.scheduler, "learning-rate scheduler"), "learning-rate scheduler", optimizer)
+        scheduler = _built(_instantiate(cfg.scheduler, "learning-rate scheduler", _convert_="all"), cfg.scheduler._target_, optimizer)
         check_schedule_lasts(scheduler, int(cfg.iterations))
         return scheduler
     if schedule is None:
@@ -304,9 +317,10 @@ def check_one_schedule(cfg: DictConfig, algorithm: Algorithm) -> None:
 
 
 def algorithm_name(cfg: DictConfig) -> str:
-    """``algo=<name>`` as typed (or as registered, outside a Hydra app)."""
+    """``algo=<name>``: the registered algorithm that builds ``algo._target_``, else Hydra's choice or the class's name
+    (the registry first: on a resume Hydra's choice is the command's default, not the run's algorithm)."""
     entry = registered_by_target(cfg.algo._target_)
-    return hydra_choice("algo") or (entry.name if entry is not None else cfg.algo._target_.rsplit(".", 1)[-1])
+    return entry.name if entry is not None else hydra_choice("algo") or cfg.algo._target_.rsplit(".", 1)[-1]
 
 
 def dataset_name(cfg: DictConfig) -> str:

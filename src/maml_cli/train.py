@@ -265,8 +265,20 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
     if resume_state:
         for stale in run_dir.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by kill -9
             stale.unlink(missing_ok=True)
+        saved_optimizer = resume_state["config"].get("optimizer", config["optimizer"])
+        if saved_optimizer.get("_target_") != config["optimizer"]["_target_"]:
+            # A forced change of the outer optimizer's class: the saved state is another class's, so this one starts afresh.
+            log.warning("the outer optimizer is now %s (the run's was %s): its state (moments, momentum) starts afresh",
+                        config["optimizer"]["_target_"], saved_optimizer.get("_target_"))
+            resume_state = {**resume_state, "optimizer": optimizer.state_dict()}
         trainer.restore(resume_state)
-        if scheduler is not None and config.get("scheduler") != resume_state["config"].get("scheduler"):
+        if saved_optimizer != config["optimizer"]:
+            # Loading the saved state put the run's settings back; a forced change (outer_lr, +optimizer.<key>) is used.
+            settings = build_optimizer(cfg, model).defaults
+            for group in optimizer.param_groups:
+                group.update(settings)
+                group["initial_lr"] = settings["lr"]  # where a scheduler scales the rate, from the new base
+        if scheduler is not None and (config.get("scheduler") != resume_state["config"].get("scheduler") or saved_optimizer != config["optimizer"]):
             trainer.scheduler = replayed_scheduler(cfg, optimizer, algorithm, trainer.state.iteration)
         log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
     elif ranks.main:
@@ -360,10 +372,14 @@ class MemberFailed(UserError):
 config_module.register()
 # Whether the user set HYDRA_FULL_ERROR=1 (main() sets it for Hydra in any case).
 _user_wants_tracebacks = False
+# Whether Hydra got as far as calling the task (it makes the run folder before): an error before is about the command.
+_task_started = False
 
 
 @hydra.main(version_base="1.3", config_path=config_module.config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
+    global _task_started
+    _task_started = True
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -396,8 +412,9 @@ def main() -> None:
     # Hydra prints a composition error (a misspelt key, an unknown choice, a wrong type) in its own words,
     # suggesting +key=value for a misspelling; with HYDRA_FULL_ERROR=1 it raises instead, so the error can
     # be explained here in one paragraph. The user's own HYDRA_FULL_ERROR=1 still shows tracebacks.
-    global _user_wants_tracebacks
+    global _user_wants_tracebacks, _task_started
     _user_wants_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    _task_started = False
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -415,9 +432,10 @@ def main() -> None:
         print(f"maml-train: error: {explanation}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as err:
-        if _user_wants_tracebacks or err.filename is None:
+        if _user_wants_tracebacks or err.filename is None or _task_started:
             raise
-        # A folder or file the system refuses (hydra.run.dir where nothing can be made, a full disk): its path and why.
+        # The run folder, which Hydra makes before the task starts, where the system refuses it (hydra.run.dir under a
+        # file, or where nothing can be made): its path and why. Errors while training keep their traceback.
         print(f"maml-train: error: {err.strerror or err}: {err.filename} (HYDRA_FULL_ERROR=1 shows where it happened)", file=sys.stderr)
         raise SystemExit(1) from None
     except (ValueError, TypeError) as err:
