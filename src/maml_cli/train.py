@@ -272,13 +272,14 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
                         config["optimizer"]["_target_"], saved_optimizer.get("_target_"))
             resume_state = {**resume_state, "optimizer": optimizer.state_dict()}
         trainer.restore(resume_state)
-        if saved_optimizer != config["optimizer"]:
-            # Loading the saved state put the run's settings back; a forced change (outer_lr, +optimizer.<key>) is used.
-            settings = build_optimizer(cfg, model).defaults
+        optimizer_changed = saved_optimizer != config["optimizer"]
+        if optimizer_changed:
+            # Loading the saved state put the run's settings back into the groups; a forced change (outer_lr,
+            # +optimizer.<key>) is used: the optimizer's defaults are still the ones it was built with from cfg.
             for group in optimizer.param_groups:
-                group.update(settings)
-                group["initial_lr"] = settings["lr"]  # where a scheduler scales the rate, from the new base
-        if scheduler is not None and (config.get("scheduler") != resume_state["config"].get("scheduler") or saved_optimizer != config["optimizer"]):
+                group.update(optimizer.defaults)
+                group["initial_lr"] = optimizer.defaults["lr"]  # where a scheduler scales the rate, from the new base
+        if scheduler is not None and (config.get("scheduler") != resume_state["config"].get("scheduler") or optimizer_changed):
             trainer.scheduler = replayed_scheduler(cfg, optimizer, algorithm, trainer.state.iteration)
         log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
     elif ranks.main:
