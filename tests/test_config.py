@@ -429,6 +429,28 @@ def test_the_hyperparameter_search_config_searches_the_inner_loop_and_maximises_
     assert cfg.hydra.sweeper.direction == "maximize" and set(cfg.hydra.sweeper.params) == {"inner_lr", "outer_lr", "inner_steps"}
 
 
+@pytest.mark.parametrize("override, column, value", [
+    ("+optimizer.weight_decay=0.0001", "optimizer.weight_decay", 0.0001),
+    ("optimizer._target_=torch.optim.SGD", "optimizer", "SGD"),
+    ("optimizer.lr=0.01", "optimizer.lr", 0.01),
+    ("model.hidden=[20,20]", "model.hidden", "[20, 20]"),
+    ("dataset.amplitude_max=2.0", "dataset.amplitude_max", 2.0),
+    ("algo.first_order=true", "algo.first_order", True),
+    ("+scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:10}", "scheduler.step_size", 10),
+])
+def test_a_sweep_over_any_setting_that_changes_what_a_run_learns_shows_rows_that_differ(override, column, value):
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+    from maml_cli.build import hparams
+    tasks = build_tasks(compose_config(["dataset=sinusoid"]))
+    plain = hparams(compose_config(["dataset=sinusoid"]), tasks)
+    changed = hparams(compose_config(["dataset=sinusoid", override]), tasks)
+    assert changed[column] == value and plain.get(column) != value
+    hparams_summary(changed, {"test/mse": 0})  # TensorBoard takes every value (no lists, no nulls)
+    # Paths and the machine are where a run ran, not what it learned; outer_lr is optimizer.lr unless set apart.
+    assert not {k for k in plain if k in ("data_root", "dataset.root", "threads", "device", "optimizer.lr")}
+    assert plain["optimizer"] == "Adam" and plain["scheduler"] == "none" and plain["model.hidden"] == "[40, 40]"
+
+
 def test_run_names_leave_out_exactly_the_keys_that_do_not_change_what_a_run_learns():
     # conf/config.yaml lists them by hand (YAML cannot read build.py's tuples): a key added to one list and not the
     # other would name runs by where they ran, or hide a setting that matters.

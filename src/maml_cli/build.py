@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import math
 import re
 from pathlib import Path
@@ -525,8 +526,14 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+# Keys of a node that say how it is built, not which settings it has.
+BUILD_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
+
+
 def hparams(cfg: DictConfig, tasks: TaskFamily) -> dict[str, Any]:
-    """The hyperparameters shown in TensorBoard's HParams tab (scalars and strings only)."""
+    """The hyperparameters shown in TensorBoard's HParams tab (scalars and strings only): the top-level task and
+    optimisation keys, the class each node builds, and every setting of the algorithm, dataset, model, outer optimizer
+    and scheduler that can change what a run learns (a sweep over any of them shows rows that differ)."""
     keys = ["way", "shot", "query", "inner_lr", "outer_lr", "inner_steps", "test_inner_steps", "meta_batch_size", "iterations", "seed"]
     # Inner-loop keys mean nothing to an algorithm without an inner loop; showing them would suggest they mattered.
     keys = [k for k in keys if k not in INNER_LOOP_KEYS or has_inner_loop(cfg)]
@@ -535,7 +542,26 @@ def hparams(cfg: DictConfig, tasks: TaskFamily) -> dict[str, Any]:
     values["dataset"] = cfg.dataset._target_.rsplit(".", 1)[-1]
     values["model"] = "raw input" if cfg.algo.get("embedding") == "raw" else cfg.model._target_.rsplit(".", 1)[-1]
     values["split"] = tasks.split_name
-    for key, value in flatten(cfg.algo).items():
-        if key not in ("_target_",) and key not in keys and isinstance(value, (int, float, str, bool)):
-            values[f"algo.{key}"] = value
+    values["optimizer"] = cfg.optimizer._target_.rsplit(".", 1)[-1]
+    values["scheduler"] = "none" if cfg.scheduler is None else str(cfg.scheduler._target_).rsplit(".", 1)[-1]
+    # Where the run's paths and machine live, and what only says how a node is built, are not hyperparameters.
+    left_out = {*RESUME_FREE_KEYS, "dataset.split", "dataset.split_dir", "dataset.check_counts"}
+    for node in ("algo", "dataset", "model", "optimizer", "scheduler"):
+        if cfg[node] is None or (node == "model" and values["model"] == "raw input"):
+            continue
+        for key, value in flatten(cfg[node], f"{node}.").items():
+            if key.split(".")[-1] in BUILD_KEYS or key in left_out or key.removeprefix(f"{node}.") in keys:
+                continue
+            if key == "optimizer.lr" and value == cfg.outer_lr:
+                continue  # shown as outer_lr
+            values[key] = _hparam_value(value)
     return values
+
+
+def _hparam_value(value: Any) -> int | float | str | bool:
+    """A config value as the HParams tab can show it: lists and nulls as the text a user would type."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if value is None:
+        return "null"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
