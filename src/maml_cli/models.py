@@ -413,8 +413,8 @@ class RecurrentLearner(nn.Module):
                 ``running``: centre each step on the mean of its sequence's steps up to and including it, so no
                 step sees a later input (the first step of a sequence becomes zero). Centred embeddings are
                 scaled to the norm sqrt(embedding_size) (Wang et al. 2019's CL2N, on the set being read).
-                Random conv features share a large common component (different Omniglot characters have a
-                cosine similarity near 0.95 at initialisation); what tells them apart is left after centring,
+                Random conv features share a large common component (different Omniglot characters are nearly
+                parallel at initialisation: ``scripts/embedding_similarity.py``); what tells them apart is left after centring,
                 and the fixed norm keeps it on the scale of the label channel.
 
         Returns:
