@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time conv4 with two batch-norm kernels and two memory layouts, on this machine.
 
-Usage: python scripts/bench_conv4_layout.py [--threads 2] [--repeats 7]
+Usage: python scripts/bench_conv4_layout.py [--threads 2] [--repeats 7] [--parts kernels,layouts,chunks]
 
 Part 1, the batch-norm kernel (contiguous layout): median seconds for a ProtoNet-sized batch
 (60-way 1-shot 5-query: 360 images, head-less conv4, forward+backward) and for the MAML
@@ -13,6 +13,11 @@ second-order MAML step on the same batch (forward, gradient with ``create_graph`
 with the adapted weights, backward through both), contiguous and channels-last (both passes
 channels-last here: no :func:`~maml_cli.models.differentiated_twice` mark). This is the
 measurement behind ``Conv4(channels_last=True)`` and :func:`maml_cli.models.differentiated_twice`.
+
+Part 3, embedding in chunks: milliseconds for a forward+backward of a head-less conv4 with per-example batch norm
+(what ``algo=lstm`` embeds with) over the 800 images of a 16-episode meta-batch of 5-way 1-shot with 9 queries, in
+one call and in chunks of a few sizes (channels-last, as on the CPU). This is the measurement behind
+``maml_cli.build.CPU_EMBEDDING_CHUNK``.
 
 The figures quoted in ``maml_cli.models`` and docs/performance.md come from this script;
 only ratios within one run mean anything on a shared machine.
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 
 from maml_cli.algorithms.maml import MAML
 from maml_cli.loop import functional_forward
-from maml_cli.models import BatchStatNorm, Conv4
+from maml_cli.models import BatchNormMode, BatchStatNorm, Conv4
 from maml_cli.tasks import Episode, classification_objective
 
 
@@ -102,16 +107,38 @@ def layouts(repeats: int) -> None:
         print(f"{n:>6} {row[0][0]:>19.1f} {row[1][0]:>14.1f} {row[0][1]:>21.1f} {row[1][1]:>14.1f}")
 
 
+def embedding_chunks(repeats: int) -> None:
+    images = torch.rand(800, 1, 28, 28)
+    torch.manual_seed(0)
+    embed = Conv4(1, 0, batch_norm=BatchNormMode.example, channels_last=True)
+    times = {}
+    for chunk in (None, 16, 32, 64, 128, 256):
+        def step():
+            parts = images.split(chunk) if chunk else [images]
+            torch.cat([embed(part) for part in parts]).pow(2).mean().backward()
+
+        times[chunk] = 1e3 * median_seconds(step, repeats)
+    print(f"{'chunk':>6} {'fwd+bwd of 800 images (ms)':>27} {'/ one call':>11}")
+    for chunk, ms in times.items():
+        print(f"{chunk or 'all':>6} {ms:>27.1f} {ms / times[None]:>11.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parts = {"kernels": batch_norm_kernels, "layouts": layouts, "chunks": embedding_chunks}
+    parser.add_argument("--parts", default=",".join(parts), help=f"which parts to run, of {','.join(parts)}")
     args = parser.parse_args()
+    chosen = args.parts.split(",")
+    if unknown := set(chosen) - set(parts):
+        parser.error(f"--parts: {', '.join(sorted(unknown))} not among {', '.join(parts)}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}")
-    batch_norm_kernels(args.repeats)
-    print()
-    layouts(args.repeats)
+    for i, name in enumerate(chosen):
+        if i:
+            print()
+        parts[name](args.repeats)
 
 
 if __name__ == "__main__":
