@@ -281,6 +281,9 @@ def test_a_config_file_with_a_misspelt_key_is_rejected(tmp_path):
     ("dataset=sinusoid model.hidden=[40,0]", r"model.hidden must be at least 1 \(got \[40, 0\]\)"),
     ("dataset=sinusoid model.hidden=[-3]", "model.hidden must be at least 1"),
     ("model.hidden=0", "model.hidden must be at least 1"),
+    ("seed=-1", r"seed must be a whole number from 0 to 2\*\*64-1 \(got -1\).*a negative seed does not mean a random one"),
+    ("eval_seed=18446744073709551616", r"eval_seed must be a whole number from 0 to 2\*\*64-1"),
+    ("dataset.split_seed=-3", "dataset.split_seed must be a whole number"),
 ])
 def test_out_of_range_values_are_user_errors(override, message):
     with pytest.raises(UserError, match=message):

@@ -277,6 +277,9 @@ def test_score_every_scores_the_final_test_and_maml_eval_after_every_kth_inner_s
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main([f"checkpoint={run / 'last.pt'}", "score_every=0"])
     assert exit_info.value.code == 2 and "score_every must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # torch would take it as another seed without a word
+        evaluate.main([f"checkpoint={run / 'last.pt'}", "eval_seed=-1"])
+    assert exit_info.value.code == 2 and "eval_seed must be a whole number from 0 to 2**64-1 (got -1)" in capsys.readouterr().err
     # Typed on a resume, it is taken (the learned weights do not depend on it); maml-results reads the resumed run's
     # own final test, not the steps the interrupted run's test scored besides (4 and 8).
     run_in_process("maml-train", [*SINE, "iterations=5", "score_every=5", f"resume={run}"], cwd=tmp_path)

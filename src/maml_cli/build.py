@@ -103,12 +103,29 @@ def validate(cfg: DictConfig) -> None:
                 problems.append(f"{node_name}.{key} must be {'above' if strictly else 'at least'} {low} (got {value})")
             elif any(v is not None and not math.isfinite(v) for v in entries):
                 problems.append(f"{node_name}.{key} must be finite (got {value})")
+    if not cfg.get("resume"):  # a run seeded before seeds were checked resumes with its own
+        seeds = {"seed": cfg.seed, "eval_seed": cfg.eval_seed, **({"dataset.split_seed": cfg.dataset.split_seed} if "split_seed" in cfg.dataset else {})}
+        problems += [problem for key, value in seeds.items() if (problem := seed_problem(key, value))]
     if threads_problem(cfg.threads):
         problems.append(threads_problem(cfg.threads))
     if cfg.get("patience") is not None and cfg.patience < 1:
         problems.append(f"patience must be at least 1 or null (got {cfg.patience})")
     if problems:
         raise UserError("invalid config: " + " ".join(p if p.endswith((".", "?")) else p + "." for p in problems))
+
+
+# torch's generators take seeds of 64 bits.
+LARGEST_SEED = 2 ** 64 - 1
+
+
+def seed_problem(key: str, value: int) -> str | None:
+    """What is wrong with a seed a user typed, or None: torch maps a negative seed to a large one without a word, and
+    elsewhere -1 often means "a random seed", which here it would not."""
+    if 0 <= value <= LARGEST_SEED:
+        return None
+    negative = ", and a negative seed does not mean a random one" if value < 0 else ""
+    return (f"{key} must be a whole number from 0 to 2**64-1 (got {value}): every run is seeded so that it can be "
+            f"reproduced{negative}; for a new seed, type one, e.g. {key}=$RANDOM.")
 
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:

@@ -44,7 +44,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, resolve_device
+from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, resolve_device, seed_problem
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.data.task_folders import TaskFiles, read_task_folders
@@ -131,6 +131,8 @@ def run_eval(args: EvalConfig) -> dict:
         for key in ("test_inner_steps", "score_every"):
             if getattr(args, key) is not None:
                 raise UserError(f"{key} does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; leave it out.")
+    if (problem := seed_problem("eval_seed", int(cfg.eval_seed))) is not None:
+        raise UserError(problem)
     score_every = int(cfg.get("score_every", 1))
     if score_every < 1:
         raise UserError(f"score_every must be at least 1 (got {score_every}): the query set is scored after every score_every-th "
