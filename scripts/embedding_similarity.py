@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--shot", type=int, default=5)
     parser.add_argument("--seeds", default="0,1,2", help="conv4 initialisation seeds")
     args = parser.parse_args()
+    if args.shot < 2:
+        parser.error("--shot must be at least 2: the similarity of one character's drawings needs two of them")
     torch.set_num_threads(1)
     tasks = OmniglotTasks(args.data_root, split=args.split, split_dir=args.split_dir, download=False)
     sampler = tasks.sampler("train", args.way, args.shot, 1)

@@ -432,26 +432,44 @@ def test_the_hyperparameter_search_config_searches_the_inner_loop_and_maximises_
     assert cfg.hydra.sweeper.direction == "maximize" and set(cfg.hydra.sweeper.params) == {"inner_lr", "outer_lr", "inner_steps"}
 
 
+class NamedSplit:
+    split_name = "vinyals"
+
+
 @pytest.mark.parametrize("override, column, value", [
     ("+optimizer.weight_decay=0.0001", "optimizer.weight_decay", 0.0001),
     ("optimizer._target_=torch.optim.SGD", "optimizer", "SGD"),
-    ("optimizer.lr=0.01", "optimizer.lr", 0.01),
-    ("model.hidden=[20,20]", "model.hidden", "[20, 20]"),
+    ("optimizer.lr=0.01", "outer_lr", 0.01),  # the rate the optimizer is built with
+    ("model.hidden=[20,20]", "model.hidden", "[20,20]"),
     ("dataset.amplitude_max=2.0", "dataset.amplitude_max", 2.0),
-    ("algo.first_order=true", "algo.first_order", True),
+    ("algo.first_order=true", "algo.first_order", "true"),  # TensorBoard would show a bool as 1
+    ("patience=50", "patience", 50),
+    ("eval_seed=3", "eval_seed", 3),
     ("+scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:10}", "scheduler.step_size", 10),
 ])
 def test_a_sweep_over_any_setting_that_changes_what_a_run_learns_shows_rows_that_differ(override, column, value):
+    from maml_cli.build import hparams
+    plain = hparams(compose_config(["dataset=sinusoid"]), NamedSplit())
+    changed = hparams(compose_config(["dataset=sinusoid", override]), NamedSplit())
+    assert changed[column] == value and plain.get(column) != value
+    assert plain["optimizer"] == "Adam" and plain["scheduler"] == "none" and plain["patience"] == "null"
+
+
+@pytest.mark.parametrize("overrides", [[f"experiment={name}"] for name in EXPERIMENTS] + [["algo=lstm"], ["algo=lstm", "dataset=sinusoid"],
+                                                                                      ["model=resnet12"], ["dataset=miniimagenet"]])
+def test_the_hparams_tab_gets_numbers_and_text_and_no_paths_or_machine_keys(overrides):
     from torch.utils.tensorboard.summary import hparams as hparams_summary
     from maml_cli.build import hparams
-    tasks = build_tasks(compose_config(["dataset=sinusoid"]))
-    plain = hparams(compose_config(["dataset=sinusoid"]), tasks)
-    changed = hparams(compose_config(["dataset=sinusoid", override]), tasks)
-    assert changed[column] == value and plain.get(column) != value
-    hparams_summary(changed, {"test/mse": 0})  # TensorBoard takes every value (no lists, no nulls)
-    # Paths and the machine are where a run ran, not what it learned; outer_lr is optimizer.lr unless set apart.
-    assert not {k for k in plain if k in ("data_root", "dataset.root", "threads", "device", "optimizer.lr")}
-    assert plain["optimizer"] == "Adam" and plain["scheduler"] == "none" and plain["model.hidden"] == "[40, 40]"
+    cfg = compose_config(overrides)
+    shown = hparams(cfg, NamedSplit())
+    # TensorBoard drops nulls without a word, refuses lists and shows booleans as numbers.
+    assert all(type(value) in (int, float, str) for value in shown.values()), shown
+    hparams_summary(shown, {})
+    assert not {"dataset.root", "dataset.store_dir", "dataset.split_dir", "dataset.download", "dataset.in_memory",
+                "model.channels_last", "data_root", "device", "threads"} & set(shown)
+    assert shown["algo"] == cfg.algo._target_.rsplit(".", 1)[-1] and all(f"algo.{key}" in shown or key in shown for key in cfg.algo if key != "_target_")
+    if cfg.scheduler is not None:  # the ProtoNet presets' StepLR
+        assert shown["scheduler"] == "StepLR" and "scheduler.step_size" in shown
 
 
 def test_run_names_leave_out_exactly_the_keys_that_do_not_change_what_a_run_learns():
@@ -466,3 +484,6 @@ def test_run_names_leave_out_exactly_the_keys_that_do_not_change_what_a_run_lear
     # Left out of the name although a resume may not change it freely: the folder of the split's class lists, a path a
     # name should not carry (a resume takes another folder only when its lists name the run's classes in the run's order).
     assert excluded - RESUME_FREE_KEYS == {"dataset.split_dir"}
+    # The HParams tab leaves out every setting of a node that a run's name leaves out.
+    from maml_cli.build import HPARAMS_LEFT_OUT
+    assert {key for key in excluded if "." in key} <= HPARAMS_LEFT_OUT

@@ -57,29 +57,41 @@ def test_sinusoid_run_writes_curves_checkpoints_config_and_hparams(tmp_path):
     accumulator = EventAccumulator(str(run))
     accumulator.Reload()
     hparams = accumulator.PluginTagToContent("hparams")
-    assert "_hparams_/experiment" in hparams and "_hparams_/session_start_info" in hparams
-    assert b"inner_lr" in hparams["_hparams_/session_start_info"] and b"test/mse" in hparams["_hparams_/experiment"]
+    assert "_hparams_/session_start_info" in hparams and b"inner_lr" in hparams["_hparams_/session_start_info"]
+    assert "_hparams_/experiment" not in hparams  # which would fix every run's columns to this one's
 
 
-def hparams_metrics(run: Path) -> set[str]:
-    """The metric columns a run declares to TensorBoard's HParams tab."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-    accumulator = EventAccumulator(str(run))
-    accumulator.Reload()
-    content = accumulator.PluginTagToContent("hparams")["_hparams_/experiment"]
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
-    return {info.name.tag for info in experiment.metric_infos}
+def hparams_table(logdir: Path) -> tuple[dict[str, bool], set[str]]:
+    """The HParams tab's columns as TensorBoard's own backend makes them for ``logdir``: each hyperparameter with
+    whether it differs between the runs, and the metric tags."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    backend = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider))
+    request = context.RequestContext()
+    experiment = backend.experiment_from_metadata(request, "", True, backend.hparams_metadata(request, ""),
+                                                  backend.hparams_from_data_provider(request, "", None))
+    return {info.name: info.differs for info in experiment.hparam_infos}, {info.name.tag for info in experiment.metric_infos}
 
 
-def test_classification_and_regression_runs_each_declare_both_metric_columns(tmp_path, small_omniglot):
-    # TensorBoard takes the HParams table's columns from the first run it reads: whichever it is, accuracy
-    # and MSE must both be there.
-    (tmp_path / "sine").mkdir(), (tmp_path / "omniglot").mkdir()
-    run_in_process("maml-train", [*SINE, "iterations=1"], cwd=tmp_path / "sine")
-    run_in_process("maml-train", omniglot_args(small_omniglot, 1), cwd=tmp_path / "omniglot")
-    for run in (only_run(tmp_path / "sine"), only_run(tmp_path / "omniglot")):
-        assert {"test/accuracy", "val/best_accuracy", "test/mse", "val/best_mse"} <= hparams_metrics(run)
+def test_the_hparams_tab_shows_every_runs_settings_and_metrics_side_by_side(tmp_path, small_omniglot):
+    # TensorBoard fixes the columns from the first run's experiment record where one exists; without it, the columns
+    # are every run's: a setting only one run has, and the metrics of classification and regression side by side.
+    run_in_process("maml-train", [*SINE, "iterations=1", "hydra.run.dir=outputs/runs/plain"], cwd=tmp_path)
+    run_in_process("maml-train", [*SINE, "iterations=1", "+optimizer.weight_decay=0.0001", "hydra.run.dir=outputs/runs/decay"],
+                   cwd=tmp_path)
+    run_in_process("maml-train", [*SINE, "iterations=1", "optimizer.lr=0.01", "hydra.run.dir=outputs/runs/lr"], cwd=tmp_path)
+    run_in_process("maml-train", omniglot_args(small_omniglot, 1, "hydra.run.dir=outputs/runs/omniglot"), cwd=tmp_path)
+    columns, metrics = hparams_table(tmp_path / "outputs")
+    assert columns["optimizer.weight_decay"] is False  # one run has it, so it cannot differ, but it is there
+    assert columns["outer_lr"] and columns["dataset"] and columns["model.hidden"] and not columns["seed"]
+    assert "optimizer.lr" not in columns and not any("root" in name or "dir" in name for name in columns)
+    assert {"test/accuracy", "val/best_accuracy", "test/mse", "val/best_mse"} <= metrics
 
 
 def test_two_tasks_at_once_train_the_same_curve_as_one_at_a_time(tmp_path, small_omniglot):
@@ -200,8 +212,14 @@ def test_a_forced_change_of_the_outer_optimizer_on_resume_is_used_and_list_setti
     switched = run_in_process("maml-train", [f"resume={run}", "iterations=6", "optimizer._target_=torch.optim.SGD",
                                              "+optimizer.momentum=0.9", "force_resume=true"], cwd=tmp_path)
     assert "the outer optimizer is now torch.optim.SGD (the run's was torch.optim.Rprop)" in switched.stdout + switched.stderr
+    # TensorBoard shows a run's first hyperparameters: which of them no longer hold is said.
+    said = switched.stdout + switched.stderr
+    assert "TensorBoard's HParams tab shows the values this run started with: outer_lr 0.001 (now 0.002); iterations 4 (now 6)" in said
+    assert "optimizer Rprop (now SGD); optimizer.etas [0.4,1.3] (now unset)" in said
     state = torch.load(run / "last.pt", weights_only=True)
+    # The new class's rate follows the run's outer_lr (0.002 since the last resume), not the command's default.
     assert state["iteration"] == 6 and state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.002
     assert "etas" not in state["optimizer"]["param_groups"][0]
 
 

@@ -464,10 +464,10 @@ def hydra_choice(group: str) -> str | None:
 
 
 
-def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"algo": {"inner_lr": 0.4}}`` -> ``{"algo.inner_lr": 0.4}``."""
+def flatten(container: Any, prefix: str = "", resolve: bool = True) -> dict[str, Any]:
+    """``{"algo": {"inner_lr": 0.4}}`` -> ``{"algo.inner_lr": 0.4}`` (``resolve=False``: interpolations as written)."""
     if isinstance(container, DictConfig):
-        container = OmegaConf.to_container(container, resolve=True, enum_to_str=True)
+        container = OmegaConf.to_container(container, resolve=resolve, enum_to_str=True)
     flat: dict[str, Any] = {}
     for key, value in container.items():
         name = f"{prefix}{key}"
@@ -499,7 +499,7 @@ def typed_keys(overrides: list[str], current: dict[str, Any], defaults: dict[str
 
 
 def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str],
-                  also_free: Collection[str] = ()) -> tuple[dict[str, Any], list[str]]:
+                  also_free: Collection[str] = (), interpolations: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """The config a resumed run continues with, and the typed changes that would change its results.
 
     The run's own config (``saved``, flattened) is the base: a resume needs none of the original
@@ -508,6 +508,9 @@ def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str
     current default (in a node, only when the node builds the same class).
 
     ``also_free``: keys that may change on this resume beyond :data:`RESUME_FREE_KEYS` (the caller checks their effect).
+    ``interpolations``: the keys of ``current`` whose value the command's config computes from another key
+    (``optimizer.lr: ${outer_lr}``), with that expression: a key taken from ``current`` keeps it, so that it follows the
+    run's value (an optimizer class changed on a resume takes the run's ``outer_lr``, not the command's default).
 
     Returns:
         The flattened effective config, and ``"key: saved -> typed"`` for each typed key that differs from
@@ -521,7 +524,7 @@ def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str
         node = key.split(".", 1)[0]
         same_class = node not in NODES or node in replaced or saved.get(f"{node}._target_") == current.get(f"{node}._target_")
         if key in typed or key in MACHINE_KEYS or node in replaced or (key not in effective and same_class and not _inside_a_value(key, effective)):
-            effective[key] = value
+            effective[key] = (interpolations or {}).get(key, value)
     return effective, differences
 
 
@@ -545,40 +548,52 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 # Keys of a node that say how it is built, not which settings it has.
 BUILD_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
+# Settings of the nodes that the HParams tab leaves out: where a run's files are and what only guards the data. The
+# keys a run's name leaves out for the same reason are among them (tests/test_config.py checks it).
+HPARAMS_LEFT_OUT = frozenset({*RESUME_FREE_KEYS, "dataset.split", "dataset.split_dir", "dataset.check_counts", "optimizer.lr"})
 
 
-def hparams(cfg: DictConfig, tasks: TaskFamily) -> dict[str, Any]:
-    """The hyperparameters shown in TensorBoard's HParams tab (scalars and strings only): the top-level task and
-    optimisation keys, the class each node builds, and every setting of the algorithm, dataset, model, outer optimizer
-    and scheduler that can change what a run learns (a sweep over any of them shows rows that differ)."""
-    keys = ["way", "shot", "query", "inner_lr", "outer_lr", "inner_steps", "test_inner_steps", "meta_batch_size", "iterations", "seed"]
+def hparams(cfg: DictConfig, tasks: TaskFamily) -> dict[str, int | float | str]:
+    """The hyperparameters of a run as TensorBoard's HParams tab shows them.
+
+    Args:
+        cfg: the run's config, its model choices settled.
+        tasks: the run's task family (for the split's name).
+
+    Returns:
+        The top-level task and optimisation keys (``outer_lr``: the rate the outer optimizer was built with), the class
+        each node builds (``algo``, ``dataset``, ``model``, ``optimizer``, ``scheduler``), and every setting of those
+        nodes that can change what a run learns, so that a sweep over any of them shows rows that differ. Values are
+        numbers or text as a user types them (``true``, ``null``, ``[64,64]``): TensorBoard takes no lists or nulls,
+        and would show booleans as 1 and 0.
+    """
+    keys = ["way", "shot", "query", "inner_lr", "outer_lr", "inner_steps", "test_inner_steps", "meta_batch_size", "iterations",
+            "patience", "seed", "eval_seed"]
     # Inner-loop keys mean nothing to an algorithm without an inner loop; showing them would suggest they mattered.
     keys = [k for k in keys if k not in INNER_LOOP_KEYS or has_inner_loop(cfg)]
     values: dict[str, Any] = {k: cfg[k] for k in keys}
+    values["outer_lr"] = cfg.optimizer.get("lr", cfg.outer_lr)  # optimizer.lr= sets it apart from outer_lr
     values["algo"] = cfg.algo._target_.rsplit(".", 1)[-1]
     values["dataset"] = cfg.dataset._target_.rsplit(".", 1)[-1]
     values["model"] = "raw input" if cfg.algo.get("embedding") == "raw" else cfg.model._target_.rsplit(".", 1)[-1]
     values["split"] = tasks.split_name
     values["optimizer"] = cfg.optimizer._target_.rsplit(".", 1)[-1]
     values["scheduler"] = "none" if cfg.scheduler is None else str(cfg.scheduler._target_).rsplit(".", 1)[-1]
-    # Where the run's paths and machine live, and what only says how a node is built, are not hyperparameters.
-    left_out = {*RESUME_FREE_KEYS, "dataset.split", "dataset.split_dir", "dataset.check_counts"}
-    for node in ("algo", "dataset", "model", "optimizer", "scheduler"):
+    for node in NODES:
         if cfg[node] is None or (node == "model" and values["model"] == "raw input"):
             continue
         for key, value in flatten(cfg[node], f"{node}.").items():
-            if key.split(".")[-1] in BUILD_KEYS or key in left_out or key.removeprefix(f"{node}.") in keys:
-                continue
-            if key == "optimizer.lr" and value == cfg.outer_lr:
-                continue  # shown as outer_lr
-            values[key] = _hparam_value(value)
-    return values
+            if key.split(".")[-1] not in BUILD_KEYS and key not in HPARAMS_LEFT_OUT and key.removeprefix(f"{node}.") not in keys:
+                values[key] = value
+    return {key: _hparam_value(value) for key, value in values.items()}
 
 
-def _hparam_value(value: Any) -> int | float | str | bool:
-    """A config value as the HParams tab can show it: lists and nulls as the text a user would type."""
-    if isinstance(value, (bool, int, float, str)):
+def _hparam_value(value: Any) -> int | float | str:
+    """A config value as the HParams tab can show it: numbers as they are, the rest as the text a user would type."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
         return value
     if value is None:
         return "null"
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)

@@ -38,6 +38,8 @@ from omegaconf import OmegaConf
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from tensorboard.plugins.hparams.metadata import SESSION_START_INFO_TAG
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from tensorboard.util import tensor_util
 
 from maml_cli.build import INNER_LOOP_KEYS, MACHINE_KEYS, flatten, has_inner_loop
@@ -272,6 +274,23 @@ def read_events(run_dir: Path) -> EventData:
             spans.append(last - first)
     data.wall_seconds = sum(spans) if spans else None
     return data
+
+
+def first_hparams(run_dir: Path) -> dict[str, float | str | bool] | None:
+    """The hyperparameters the run's first session recorded for TensorBoard's HParams tab, which shows that record
+    alone (a resumed run's writer does not write another); None where the first event file has none or is unreadable."""
+    files = event_files(run_dir)
+    if not files:
+        return None
+    try:
+        for record in read_records(files[0]):
+            for value in Event.FromString(record).summary.value:
+                if value.tag == SESSION_START_INFO_TAG:
+                    start = HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info
+                    return {name: getattr(v, v.WhichOneof("kind")) for name, v in start.hparams.items() if v.WhichOneof("kind")}
+    except (DamagedEventFile, DecodeError, OSError):
+        return None
+    return None
 
 
 # -- reading a run ------------------------------------------------------------------------------------------------

@@ -38,12 +38,12 @@ from maml_cli.build import (build_algorithm, build_model, build_optimizer, build
                             algorithm_name, check_inner_loop_overrides, check_one_schedule, dataset_name, flatten, hparams, resolve_device, resume_config, settle_model_choices,
                             typed_keys, unflatten, validate, without_own_settings)
 from maml_cli.checkpoint import load_checkpoint
-from maml_cli.data.base import class_split_changes, class_split_record
+from maml_cli.data.base import TaskFamily, class_split_changes, class_split_record
 from maml_cli.errors import UserError
 from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation
+from maml_cli.results import first_hparams
 from maml_cli.run_lock import run_lock
 from maml_cli.suggest import explain_config_error, explain_list_item_error
-from maml_cli.tasks import TASK_KINDS
 from maml_cli.threads import set_up_cpu
 
 log = logging.getLogger("maml_cli")
@@ -97,7 +97,9 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
     # The class lists may move (another machine): a checkpoint that records its split lets the resume compare the
     # classes themselves once they are built (check_class_split), instead of refusing every other folder.
     moved = {"dataset.split_dir"} if resume_state.get("class_split") is not None else set()
-    effective, differences = resume_config(saved, current, typed, also_free=moved)
+    interpolations = {key: value for key, value in flatten(cfg, resolve=False).items()
+                      if isinstance(value, str) and OmegaConf.is_interpolation(OmegaConf.create({"value": value}), "value")}
+    effective, differences = resume_config(saved, current, typed, also_free=moved, interpolations=interpolations)
     if "iterations" in typed and saved.get("iterations") != current["iterations"] and not cfg.force_resume:
         schedule = build_algorithm(OmegaConf.create(unflatten(saved))).outer_lr_schedule
         if schedule is not None:
@@ -194,6 +196,28 @@ def console_quiet(logger: str | None) -> Iterator[None]:
             handler.removeFilter(drop)
 
 
+def warn_of_stale_hparams(run_dir: Path, cfg: DictConfig, tasks: TaskFamily) -> None:
+    """Say which of the HParams tab's values no longer hold after a resume (``iterations``, or what ``force_resume=true``
+    let through): TensorBoard shows the run's first record of them."""
+    recorded = first_hparams(run_dir)
+    if recorded is None:
+        return
+    now = hparams(cfg, tasks)
+
+    def same(shown: float | str | bool, value: int | float | str | None) -> bool:
+        # The record holds every number as a float; older versions recorded booleans as 1 and 0.
+        if isinstance(shown, float) and value in ("true", "false"):
+            return shown == float(value == "true")
+        return float(value) == shown if isinstance(shown, float) and isinstance(value, (int, float)) else value == shown
+
+    # A column the first record lacks (written by an older version) is not shown for the run, so not stale either.
+    columns = [*now, *sorted(set(recorded) - set(now))]  # the record's own order is a protobuf map's
+    stale = [f"{column} {f'{shown:g}' if isinstance(shown, float) else shown} (now {now.get(column, 'unset')})"
+             for column in columns if column in recorded and not same(shown := recorded[column], now.get(column))]
+    if stale:
+        log.warning("TensorBoard's HParams tab shows the values this run started with: %s", "; ".join(stale))
+
+
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: list[str] | None = None) -> float:
     """Meta-train as ``cfg`` says, writing everything under ``run_dir``.
 
@@ -282,12 +306,14 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         if scheduler is not None and (config.get("scheduler") != resume_state["config"].get("scheduler") or optimizer_changed):
             trainer.scheduler = replayed_scheduler(cfg, optimizer, algorithm, trainer.state.iteration)
         log.info("resumed %s at iteration %d", run_dir, trainer.state.iteration)
+        if ranks.main:
+            warn_of_stale_hparams(run_dir, cfg, tasks)
     elif ranks.main:
-        # TensorBoard takes the HParams table's metric columns from the first run it reads: every run declares the
-        # metrics of every task kind, so classification and regression runs side by side each show theirs.
-        declared = {name: 0 for kind in TASK_KINDS for name in (f"test/{kind.metric}", f"test/{kind.metric}_ci95", f"val/best_{kind.metric}")}
-        exp, ssi, sei = hparams_summary(hparams(cfg, tasks), declared)
-        for summary in (exp, ssi, sei):
+        # The session's records alone, without the experiment record that would fix the table's columns: where no run
+        # has one, TensorBoard makes its columns from every run's hyperparameters and scalars, so runs of other
+        # algorithms, datasets or settings side by side each show theirs.
+        _, session_start, session_end = hparams_summary(hparams(cfg, tasks), {})
+        for summary in (session_start, session_end):
             writer.file_writer.add_summary(summary)
     log.info("run directory: %s", run_dir)
     log.info("dataset split: %s %s; device: %s; %d parameters", tasks.split_name,
