@@ -414,6 +414,26 @@ def test_a_resumed_run_computes_as_the_resume_command_says_not_as_the_machine_it
     assert typed["threads"] == "1"
 
 
+def test_a_resume_judges_typed_keys_by_the_values_it_uses_and_untyped_expressions_follow_the_run():
+    from omegaconf import OmegaConf
+    from maml_cli.train import resumed_config
+
+    def resumed(run_overrides, resume_overrides):
+        saved = OmegaConf.to_container(compose_config(run_overrides), resolve=True)
+        overrides = ["resume=/runs/x", *resume_overrides]
+        return resumed_config(compose_config(overrides), {"config": saved}, overrides)
+
+    # algo=protonet retyped on the resume: its train_way (${way}, 5 by the command) is judged and used as 5, the run's
+    # value, not resolved against the run's way=20 into a silent change of the training episodes.
+    assert resumed(["algo=protonet", "way=20", "algo.train_way=5"], ["algo=protonet"]).algo.train_way == 5
+    # Another optimizer class, forced: its rate (${outer_lr}) follows the run's outer_lr, not the command's default.
+    switched = resumed(["dataset=sinusoid", "outer_lr=0.002"], ["optimizer._target_=torch.optim.SGD", "force_resume=true"])
+    assert switched.optimizer._target_ == "torch.optim.SGD" and switched.optimizer.lr == 0.002
+    # A forced scheduler setting on a run without one replaces the null node (it was a TypeError in unflatten).
+    added = resumed(["dataset=sinusoid"], ["+scheduler.gamma=0.5", "force_resume=true"])
+    assert OmegaConf.to_container(added.scheduler) == {"gamma": 0.5}
+
+
 @pytest.mark.parametrize("launcher,target", [("joblib", "JoblibLauncher"), ("submitit_slurm", "SlurmLauncher")])
 def test_the_launcher_configs_compose_with_their_defaults(launcher, target):
     GlobalHydra.instance().clear()

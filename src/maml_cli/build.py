@@ -509,8 +509,9 @@ def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str
 
     ``also_free``: keys that may change on this resume beyond :data:`RESUME_FREE_KEYS` (the caller checks their effect).
     ``interpolations``: the keys of ``current`` whose value the command's config computes from another key
-    (``optimizer.lr: ${outer_lr}``), with that expression: a key taken from ``current`` keeps it, so that it follows the
-    run's value (an optimizer class changed on a resume takes the run's ``outer_lr``, not the command's default).
+    (``optimizer.lr: ${outer_lr}``), with that expression: a key taken from ``current`` that was not typed keeps it, so
+    that it follows the run's value (an optimizer class changed on a resume takes the run's ``outer_lr``, not the
+    command's default); a typed key keeps the value it was judged by.
 
     Returns:
         The flattened effective config, and ``"key: saved -> typed"`` for each typed key that differs from
@@ -524,7 +525,13 @@ def resume_config(saved: dict[str, Any], current: dict[str, Any], typed: set[str
         node = key.split(".", 1)[0]
         same_class = node not in NODES or node in replaced or saved.get(f"{node}._target_") == current.get(f"{node}._target_")
         if key in typed or key in MACHINE_KEYS or node in replaced or (key not in effective and same_class and not _inside_a_value(key, effective)):
-            effective[key] = (interpolations or {}).get(key, value)
+            # A typed key keeps the value it was judged by (differences); the others follow the run's values.
+            effective[key] = value if key in typed else (interpolations or {}).get(key, value)
+    for key in typed:  # a forced key under a node the run left null (+scheduler.gamma): the node is the typed one now
+        parts = key.split(".")
+        for prefix in (".".join(parts[:i]) for i in range(1, len(parts))):
+            if prefix in effective and effective[prefix] is None:
+                del effective[prefix]
     return effective, differences
 
 

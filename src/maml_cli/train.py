@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import math
 import os
@@ -208,11 +209,18 @@ def warn_of_stale_hparams(run_dir: Path, cfg: DictConfig, tasks: TaskFamily) -> 
         # The record holds every number as a float; older versions recorded booleans as 1 and 0.
         if isinstance(shown, float) and value in ("true", "false"):
             return shown == float(value == "true")
-        return float(value) == shown if isinstance(shown, float) and isinstance(value, (int, float)) else value == shown
+        if isinstance(shown, float) and isinstance(value, (int, float)):
+            return float(value) == shown
+        if isinstance(shown, str) and isinstance(value, str) and shown[:1] in "[{" and value[:1] in "[{":
+            return json.loads(shown) == json.loads(value)  # lists, spaced or not
+        return value == shown
+
+    def text(shown: float | str | bool) -> str:
+        return str(int(shown)) if isinstance(shown, float) and shown.is_integer() else repr(shown) if isinstance(shown, float) else str(shown)
 
     # A column the first record lacks (written by an older version) is not shown for the run, so not stale either.
     columns = [*now, *sorted(set(recorded) - set(now))]  # the record's own order is a protobuf map's
-    stale = [f"{column} {f'{shown:g}' if isinstance(shown, float) else shown} (now {now.get(column, 'unset')})"
+    stale = [f"{column} {text(shown)} (now {now.get(column, 'unset')})"
              for column in columns if column in recorded and not same(shown := recorded[column], now.get(column))]
     if stale:
         log.warning("TensorBoard's HParams tab shows the values this run started with: %s", "; ".join(stale))
