@@ -15,8 +15,8 @@ channels-last here: no :func:`~maml_cli.models.differentiated_twice` mark). This
 measurement behind ``Conv4(channels_last=True)`` and :func:`maml_cli.models.differentiated_twice`.
 
 Part 3, embedding in chunks: milliseconds for a forward+backward of a head-less conv4 with per-example batch norm
-(what ``algo=lstm`` embeds with) over the 800 images of a 16-episode meta-batch of 5-way 1-shot with 9 queries, in
-one call and in chunks of a few sizes (channels-last, as on the CPU). This is the measurement behind
+(what ``algo=lstm`` embeds with) over the 800 images of a 16-episode meta-batch of Santoro et al.'s 5 classes x 10
+presentations (the bench's ``lstm_5w``), in one call and in chunks of a few sizes (channels-last, as on the CPU). This is the measurement behind
 ``maml_cli.build.CPU_EMBEDDING_CHUNK``.
 
 The figures quoted in ``maml_cli.models`` and docs/performance.md come from this script;
