@@ -1,4 +1,6 @@
-"""Small pieces of the command line: devices, resume hints, run names."""
+"""Small pieces of the command line: devices, resume hints, run names, start-up."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,15 @@ def test_maml_eval_lists_its_own_keys_and_refuses_to_change_the_dataset():
     with pytest.raises(UserError, match="dataset= cannot change it"):
         parse_args(["checkpoint=x", "dataset=omniglot"])
     assert parse_args(["checkpoint=x", "dataset.split_dir=/moved"]).dataset.split_dir == "/moved"
+
+
+def test_the_commands_and_omniglot_start_without_importing_torchvision(small_omniglot):
+    # torchvision's import takes seconds (through its models it loads torch's compiler), which every command, and
+    # every bad-input message, would wait for; only an Omniglot download uses it.
+    code = ("import sys; import maml_cli.train, maml_cli.evaluate, maml_cli.results; "
+            "from maml_cli.data.omniglot import OmniglotTasks; "
+            f"OmniglotTasks({str(small_omniglot)!r}, val_characters=4, test_characters=8, download=True, check_counts=False); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"

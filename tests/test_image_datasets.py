@@ -44,6 +44,27 @@ def check_episodes(tasks: ImageTaskFamily, way: int, shot: int, query: int, chan
         assert 0 <= float(episode.support_x.min()) and float(episode.support_x.max()) <= 1
 
 
+def test_decoding_gives_the_pixels_of_torchvisions_resize(tmp_path):
+    # Stores and trained models hold images decoded by torchvision's resize before maml-cli stopped importing it at
+    # start-up: the same pixels keep those stores valid and runs resuming to the same curves.
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    generator = np.random.default_rng(0)
+    images = {"1-bit 105x105 (Omniglot's PNGs)": Image.fromarray(generator.random((105, 105)) > 0.7).convert("1"),
+              "RGB 500x375": Image.fromarray(generator.integers(0, 256, (375, 500, 3), dtype=np.uint8)),
+              "grayscale 10x10, enlarged": Image.fromarray(generator.integers(0, 256, (10, 10), dtype=np.uint8)),
+              "RGBA 84x84, kept": Image.fromarray(generator.integers(0, 256, (84, 84, 4), dtype=np.uint8))}
+    for what, image in images.items():
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+        image.save(path)
+        for size, channels in ((28, 1), (84, 3), (16, 3)):
+            with Image.open(path) as opened:
+                expected = np.asarray(TF.resize(opened.convert("L" if channels == 1 else "RGB"), [size, size], antialias=True))
+            expected = expected[None] if channels == 1 else expected.transpose(2, 0, 1)
+            assert np.array_equal(store.decode_image(path, size, channels), expected), (what, size, channels)
+            assert np.array_equal(store.decode_image(path, size, channels, invert=True), 255 - expected), (what, size, channels)
+
+
 def test_folder_of_class_folders_decodes_unequal_classes_and_trains(tmp_path):
     root = write_folder(tmp_path / "images")
     tasks = FolderTasks(str(root), image_size=16, train_classes=4, val_classes=2, test_classes=2)

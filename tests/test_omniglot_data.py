@@ -54,6 +54,38 @@ def test_missing_data_offline_says_where_how_and_mentions_sinusoid(tmp_path):
     assert "images_background.zip" in message and "dataset=sinusoid" in message and "MAML_CLI_DATA" in message
 
 
+def test_an_incomplete_copy_is_downloaded_through_torchvision_and_a_failed_download_names_what_is_missing(tmp_path, monkeypatch):
+    # No network here: torchvision's download is replaced by one that places the zip it would fetch, or fails as offline.
+    import urllib.error
+    from torchvision.datasets import omniglot as torchvision_omniglot
+    source = write_small_omniglot(tmp_path / "src", {"images_background": {"A": 2}, "images_evaluation": {"B": 2}}, images=2)
+    fetched = []
+
+    def place_zip(url, download_root, filename, md5):
+        fetched.append(filename)
+        set_name = filename.removesuffix(".zip")
+        shutil.make_archive(str(Path(download_root) / set_name), "zip", source / "omniglot-py", set_name)
+        safe_extract(Path(download_root) / filename, Path(download_root))
+
+    root = tmp_path / "root"
+    shutil.copytree(source / "omniglot-py" / "images_background", root / "omniglot-py" / "images_background")
+    monkeypatch.setattr(torchvision_omniglot, "download_and_extract_archive", place_zip)
+    listing = ensure_files(root, download=True, check_counts=False)
+    assert fetched == ["images_evaluation.zip"]  # the complete set is not fetched again
+    assert listing.characters == ["A/character01", "A/character02", "B/character01", "B/character02"]
+
+    def offline(url, download_root, filename, md5):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision_omniglot, "download_and_extract_archive", offline)
+    shutil.rmtree(root / "omniglot-py" / "images_evaluation")
+    (root / "omniglot-py" / "images_evaluation.zip").unlink()
+    with pytest.raises(DataError) as error:
+        ensure_files(root, download=True, check_counts=False)
+    assert "download failed: <urlopen error [Errno -3] Temporary failure in name resolution>" in str(error.value)
+    assert f"{root / 'omniglot-py' / 'images_evaluation'} does not exist" in str(error.value)
+
+
 def test_safe_extract_refuses_path_traversal_and_absolute_paths(tmp_path):
     for name in ("../evil.txt", "/abs/evil.txt", "images_background/../../evil.txt"):
         archive = tmp_path / "bad.zip"

@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 from omegaconf import MISSING
 from torch import Tensor
-from torchvision.datasets import Omniglot
 
 from maml_cli.data.episodes import ClassImageSampler, check_episode_size
 from maml_cli.data.files import safe_extract
@@ -36,7 +35,7 @@ from maml_cli.tasks import CLASSIFICATION
 
 log = logging.getLogger(__name__)
 
-FOLDER = Omniglot.folder  # "omniglot-py"
+FOLDER = "omniglot-py"  # torchvision's Omniglot.folder: where its download puts the two sets
 SETS = ("images_background", "images_evaluation")
 IMAGES_PER_CHARACTER = 20
 ROTATIONS = (0, 90, 180, 270)
@@ -120,28 +119,33 @@ def verify_set(folder: Path, set_name: str, check_counts: bool = True) -> tuple[
     return found, problems
 
 
-class VerifiedOmniglot(Omniglot):
-    """torchvision's Omniglot, accepting any copy whose contents are complete.
+def verify_or_extract(folder: Path, set_name: str, check_counts: bool = True) -> tuple[dict[str, dict[str, list[Path]]], list[str]]:
+    """:func:`verify_set` of ``<folder>/<set_name>``, first extracting ``<folder>/<set_name>.zip`` (safely) where
+    the extracted set is incomplete and the zip is there."""
+    found, problems = verify_set(folder / set_name, set_name, check_counts)
+    archive = folder / f"{set_name}.zip"
+    if problems and archive.is_file():
+        log.info("extracting %s", archive)
+        safe_extract(archive, folder)
+        found, problems = verify_set(folder / set_name, set_name, check_counts)
+    return found, problems
 
-    torchvision checks only the md5 of the zip; this class also accepts the
-    extracted folders (or a zip it extracts safely) when every alphabet,
-    character and image of the set is present, so copies placed by hand work
-    offline. When neither check passes and ``download=True``, torchvision's own
-    download runs.
+
+def download_set(root: Path, set_name: str, check_counts: bool = True) -> None:
+    """torchvision's Omniglot download of one set, for a copy :func:`verify_or_extract` finds incomplete.
+
+    torchvision checks only the md5 of the zip; its integrity check is replaced by :func:`verify_or_extract`, so
+    that a copy placed by hand is accepted when every alphabet, character and image of the set is present.
     """
+    # Imported here, not with this module: torchvision's import takes seconds (it loads its models and torch's
+    # compiler) and every command imports this module, while only a download needs it.
+    from torchvision.datasets import Omniglot
 
-    check_counts = True
+    class VerifiedOmniglot(Omniglot):
+        def _check_integrity(self) -> bool:
+            return not verify_or_extract(Path(self.root), self._get_target_folder(), check_counts)[1]
 
-    def _check_integrity(self) -> bool:
-        set_name = self._get_target_folder()
-        folder = Path(self.root) / set_name
-        _, problems = verify_set(folder, set_name, self.check_counts)
-        archive = Path(self.root) / f"{set_name}.zip"
-        if problems and archive.is_file():
-            log.info("extracting %s", archive)
-            safe_extract(archive, Path(self.root))
-            _, problems = verify_set(folder, set_name, self.check_counts)
-        return not problems
+    VerifiedOmniglot(str(root), background=set_name == "images_background", download=True)
 
 
 def not_found_message(root: Path, problems: list[str], reason: str) -> str:
@@ -171,18 +175,20 @@ def ensure_files(root: Path, download: bool = True, check_counts: bool = True) -
     files: list[list[Path]] = []
     n_background = 0
     for set_name in SETS:
-        dataset_cls = type("_Omniglot", (VerifiedOmniglot,), {"check_counts": check_counts})
-        try:
-            dataset_cls(str(root), background=set_name == "images_background", download=download)
-        except DataError:
-            raise
-        except Exception as err:  # torchvision raises RuntimeError offline, URLError etc. while downloading
-            _, problems = verify_set(root / FOLDER / set_name, set_name, check_counts)
-            reason = "download failed: " + str(err).splitlines()[0] if download else "download=false"
-            raise DataError(not_found_message(root, problems, reason)) from err
-        found, problems = verify_set(root / FOLDER / set_name, set_name, check_counts)
+        found, problems = verify_or_extract(root / FOLDER, set_name, check_counts)
+        if problems and not download:
+            raise DataError(not_found_message(root, problems, "download=false"))
         if problems:
-            raise DataError(not_found_message(root, problems, "incomplete copy"))
+            try:
+                download_set(root, set_name, check_counts)
+            except DataError:
+                raise
+            except Exception as err:  # torchvision raises RuntimeError offline, URLError etc. while downloading
+                _, problems = verify_set(root / FOLDER / set_name, set_name, check_counts)
+                raise DataError(not_found_message(root, problems, "download failed: " + str(err).splitlines()[0])) from err
+            found, problems = verify_set(root / FOLDER / set_name, set_name, check_counts)
+            if problems:
+                raise DataError(not_found_message(root, problems, "incomplete copy"))
         for alphabet, chars in found.items():
             for character, pngs in chars.items():
                 characters.append(f"{alphabet}/{character}")
