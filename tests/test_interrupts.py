@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM stop a run cleanly, and the printed resume command continues it to the same curve."""
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -33,7 +34,12 @@ def test_a_stopped_run_resumes_to_the_curve_of_the_uninterrupted_run(tmp_path, u
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
         time.sleep(0.02)
     if sig == signal.SIGKILL:
-        time.sleep(0.5)  # let it log past its last checkpoint: resuming must drop those events, not repeat them
+        # Let it log past its last checkpoint (resuming must drop those events, not repeat them): counted in
+        # iterations, not seconds, so that a fast machine cannot finish the run first.
+        for line in process.stdout:
+            logged = re.search(r"iteration (\d+) of", line)
+            if logged and int(logged.group(1)) >= 60:
+                break
     process.send_signal(sig)
     output, _ = process.communicate(timeout=120)
     (run,) = run_dirs(tmp_path)

@@ -57,33 +57,55 @@ def test_missing_data_offline_says_where_how_and_mentions_sinusoid(tmp_path):
 def test_an_incomplete_copy_is_downloaded_through_torchvision_and_a_failed_download_names_what_is_missing(tmp_path, monkeypatch):
     # No network here: torchvision's download is replaced by one that places the zip it would fetch, or fails as offline.
     import urllib.error
-    from torchvision.datasets import omniglot as torchvision_omniglot
+    from torchvision.datasets import utils as torchvision_utils
     source = write_small_omniglot(tmp_path / "src", {"images_background": {"A": 2}, "images_evaluation": {"B": 2}}, images=2)
     fetched = []
 
     def place_zip(url, download_root, filename, md5):
-        fetched.append(filename)
+        fetched.append(url)
         set_name = filename.removesuffix(".zip")
         shutil.make_archive(str(Path(download_root) / set_name), "zip", source / "omniglot-py", set_name)
         safe_extract(Path(download_root) / filename, Path(download_root))
 
     root = tmp_path / "root"
     shutil.copytree(source / "omniglot-py" / "images_background", root / "omniglot-py" / "images_background")
-    monkeypatch.setattr(torchvision_omniglot, "download_and_extract_archive", place_zip)
+    monkeypatch.setattr(torchvision_utils, "download_and_extract_archive", place_zip)
     listing = ensure_files(root, download=True, check_counts=False)
-    assert fetched == ["images_evaluation.zip"]  # the complete set is not fetched again
+    # Only the incomplete set is fetched, from where torchvision's Omniglot fetches it.
+    assert fetched == ["https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_evaluation.zip"]
     assert listing.characters == ["A/character01", "A/character02", "B/character01", "B/character02"]
+
+    shutil.rmtree(root / "omniglot-py" / "images_evaluation")
+    (root / "omniglot-py" / "images_evaluation.zip").unlink()
+    monkeypatch.setattr(torchvision_utils, "download_and_extract_archive", lambda url, download_root, filename, md5: None)
+    with pytest.raises(DataError, match=r"\(incomplete copy\)") as error:
+        ensure_files(root, download=True, check_counts=False)
+    assert f"{root / 'omniglot-py' / 'images_evaluation'} does not exist" in str(error.value)
 
     def offline(url, download_root, filename, md5):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision_omniglot, "download_and_extract_archive", offline)
-    shutil.rmtree(root / "omniglot-py" / "images_evaluation")
-    (root / "omniglot-py" / "images_evaluation.zip").unlink()
+    monkeypatch.setattr(torchvision_utils, "download_and_extract_archive", offline)
     with pytest.raises(DataError) as error:
         ensure_files(root, download=True, check_counts=False)
     assert "download failed: <urlopen error [Errno -3] Temporary failure in name resolution>" in str(error.value)
     assert f"{root / 'omniglot-py' / 'images_evaluation'} does not exist" in str(error.value)
+
+
+def test_a_zip_that_cannot_be_extracted_here_is_a_data_error_naming_it(tmp_path, monkeypatch):
+    source = write_small_omniglot(tmp_path / "src", {"images_background": {"A": 2}, "images_evaluation": {"B": 2}}, images=2)
+    folder = tmp_path / "root" / "omniglot-py"
+    folder.mkdir(parents=True)
+    shutil.make_archive(str(folder / "images_background"), "zip", source / "omniglot-py", "images_background")
+
+    def denied(archive, destination):
+        raise PermissionError(13, "Permission denied", str(destination / "images_background"))
+
+    monkeypatch.setattr(omniglot, "safe_extract", denied)
+    for download in (False, True):
+        with pytest.raises(DataError, match=r"\(extraction failed\)") as error:
+            ensure_files(tmp_path / "root", download=download, check_counts=False)
+        assert f"extracting {folder / 'images_background'}.zip failed: [Errno 13] Permission denied" in str(error.value)
 
 
 def test_safe_extract_refuses_path_traversal_and_absolute_paths(tmp_path):

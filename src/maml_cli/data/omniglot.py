@@ -131,21 +131,16 @@ def verify_or_extract(folder: Path, set_name: str, check_counts: bool = True) ->
     return found, problems
 
 
-def download_set(root: Path, set_name: str, check_counts: bool = True) -> None:
-    """torchvision's Omniglot download of one set, for a copy :func:`verify_or_extract` finds incomplete.
-
-    torchvision checks only the md5 of the zip; its integrity check is replaced by :func:`verify_or_extract`, so
-    that a copy placed by hand is accepted when every alphabet, character and image of the set is present.
-    """
+def download_set(root: Path, set_name: str) -> None:
+    """Fetch one set's zip from where torchvision's Omniglot downloads it, check its md5 and extract it into
+    ``<root>/omniglot-py/`` (as ``torchvision.datasets.Omniglot(download=True)`` does, without its own checks:
+    :func:`ensure_files` verifies what arrived by counting)."""
     # Imported here, not with this module: torchvision's import takes seconds (it loads its models and torch's
     # compiler) and every command imports this module, while only a download needs it.
-    from torchvision.datasets import Omniglot
-
-    class VerifiedOmniglot(Omniglot):
-        def _check_integrity(self) -> bool:
-            return not verify_or_extract(Path(self.root), self._get_target_folder(), check_counts)[1]
-
-    VerifiedOmniglot(str(root), background=set_name == "images_background", download=True)
+    from torchvision.datasets import Omniglot, utils
+    zip_name = f"{set_name}.zip"
+    utils.download_and_extract_archive(f"{Omniglot.download_url_prefix}/{zip_name}", str(root / FOLDER), filename=zip_name,
+                                       md5=Omniglot.zips_md5[set_name])
 
 
 def not_found_message(root: Path, problems: list[str], reason: str) -> str:
@@ -175,14 +170,16 @@ def ensure_files(root: Path, download: bool = True, check_counts: bool = True) -
     files: list[list[Path]] = []
     n_background = 0
     for set_name in SETS:
-        found, problems = verify_or_extract(root / FOLDER, set_name, check_counts)
+        try:
+            found, problems = verify_or_extract(root / FOLDER, set_name, check_counts)
+        except OSError as err:  # a zip placed by hand that cannot be extracted here: permissions, a full disk
+            problem = f"extracting {root / FOLDER / set_name}.zip failed: {err}"
+            raise DataError(not_found_message(root, [problem], "extraction failed")) from err
         if problems and not download:
             raise DataError(not_found_message(root, problems, "download=false"))
         if problems:
             try:
-                download_set(root, set_name, check_counts)
-            except DataError:
-                raise
+                download_set(root, set_name)
             except Exception as err:  # torchvision raises RuntimeError offline, URLError etc. while downloading
                 _, problems = verify_set(root / FOLDER / set_name, set_name, check_counts)
                 raise DataError(not_found_message(root, problems, "download failed: " + str(err).splitlines()[0])) from err
