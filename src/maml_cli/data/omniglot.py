@@ -1,8 +1,8 @@
 """Omniglot (Lake et al. 2015): files, verification, splits and the decoded tensor cache.
 
 Files live where torchvision puts them, ``<root>/omniglot-py/images_background``
-and ``images_evaluation``. torchvision's :class:`~torchvision.datasets.Omniglot`
-downloads them when they are missing; a copy placed by hand (the extracted
+and ``images_evaluation``. They are downloaded when missing, from where torchvision's
+:class:`~torchvision.datasets.Omniglot` fetches them (:func:`download_set`); a copy placed by hand (the extracted
 folders or the two zips) is accepted when its alphabets, characters and images
 are all there, whatever the zip's md5 (rebuilt copies of the zips differ from
 the originals byte-wise but not pixel-wise).
