@@ -344,6 +344,19 @@ def test_without_the_progress_bar_the_log_shows_each_validation_and_the_time_to_
     assert (newest / "train.log").read_text().count(" tasks/s") == 4
 
 
+def test_one_task_has_no_interval_and_the_logs_and_tables_say_so_instead_of_printing_nan(tmp_path, capsys):
+    from maml_cli import evaluate
+    result = run_in_process("maml-train", [*SINE, "val_tasks=1", "test_tasks=1"], cwd=tmp_path)
+    log = result.stdout + result.stderr
+    assert "meta-validation mse " in log and "meta-test mse after 10 inner step(s): " in log
+    assert "+- n/a (95% CI, 1 task)" in log and "nan" not in log.lower()
+    evaluate.main([f"checkpoint={only_run(tmp_path) / 'last.pt'}", "test_tasks=1"])
+    table = capsys.readouterr().out
+    assert " n/a" in table and "nan" not in table.lower()
+    evaluate.main([f"checkpoint={only_run(tmp_path) / 'last.pt'}", "test_tasks=2"])
+    assert "n/a" not in capsys.readouterr().out
+
+
 def test_maml_eval_never_writes_over_another_evaluations_results(tmp_path, capsys):
     from maml_cli import evaluate
     run_in_process("maml-train", SINE, cwd=tmp_path)

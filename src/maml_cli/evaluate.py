@@ -50,7 +50,7 @@ from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.data.task_folders import TaskFiles, read_task_folders
 from maml_cli.errors import UserError
 from maml_cli.learner import Learner, checkpoint_of, load
-from maml_cli.loop import after_last_step, by_presentation, evaluate, mean_ci95, strict_json
+from maml_cli.loop import after_last_step, by_presentation, ci_text, evaluate, mean_ci95, strict_json
 from maml_cli.suggest import explain_config_error
 from maml_cli.threads import set_up_cpu, threads_problem
 
@@ -255,7 +255,7 @@ def format_episodes_table(report: dict) -> str:
              f"{report['tasks']} with labelled queries, {report['unlabelled_tasks']} without"]
     if report["by_inner_step"]:
         lines.append(f"{'inner steps':>11}  {'accuracy':>10}  {'95% CI':>8}")
-        lines += [f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {row['ci95']:>8.4f}" for row in report["by_inner_step"]]
+        lines += [f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {ci_text(row['ci95']):>8}" for row in report["by_inner_step"]]
     return "\n".join(lines)
 
 
@@ -269,11 +269,11 @@ def format_table(report: dict) -> str:
     if report.get("classes") not in (None, "the run's", "not recorded"):
         lines.insert(1, f"note: not the run's {report['split']} classes: {report['classes']}")
     for row in report["by_inner_step"]:
-        lines.append(f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {row['ci95']:>8.4f}")
+        lines.append(f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {ci_text(row['ci95']):>8}")
     if report["by_presentation"]:
         lines.append(f"{'instance':>11}  {metric:>10}  {'95% CI':>8}")
         for row in report["by_presentation"]:
-            lines.append(f"{row['presentation']:>11}  {row['mean']:>10.4f}  {row['ci95']:>8.4f}")
+            lines.append(f"{row['presentation']:>11}  {row['mean']:>10.4f}  {ci_text(row['ci95']):>8}")
     return "\n".join(lines)
 
 

@@ -57,6 +57,11 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(var / n)
 
 
+def ci_text(ci: float) -> str:
+    """A 95% CI half-width for a log line or a table: "n/a" where there is none (one task has no spread)."""
+    return "n/a" if math.isnan(ci) else f"{ci:.4f}"
+
+
 def strict_json(value: object) -> object:
     """``value`` with NaN and infinities (the CI of a single task, a diverged MSE) as ``None``: JSON has no such
     numbers, and strict readers (``jq``, JavaScript, ``json.loads`` with ``parse_constant``) refuse Python's ``NaN``."""
@@ -486,8 +491,8 @@ class MetaTrainer:
                     # A line per validation, so that a log without the progress bar (progress=false, train.log) shows the run's course.
                     per_iteration = (time.perf_counter() - session_start) / (it - session_first)
                     to_go = f", about {duration(per_iteration * (self.iterations - it))} to go" if it < self.iterations else ""
-                    log.info("iteration %d of %d: meta-validation %s %.4f +- %.4f (best %.4f at %d); meta-batch %s %.4g; %.2f s per "
-                             "iteration%s", it, self.iterations, self.kind.metric, value, ci, self.state.best_metric, self.state.best_iteration,
+                    log.info("iteration %d of %d: meta-validation %s %.4f +- %s (best %.4f at %d); meta-batch %s %.4g; %.2f s per "
+                             "iteration%s", it, self.iterations, self.kind.metric, value, ci_text(ci), self.state.best_metric, self.state.best_iteration,
                              self.kind.metric, means.get(self.kind.metric, float("nan")), per_iteration, to_go)
                     if self.stalled():
                         log.info("meta-validation %s has not improved for %d iterations (best %.4f at iteration %d): stopping early",

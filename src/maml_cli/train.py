@@ -41,7 +41,7 @@ from maml_cli.build import (build_algorithm, build_model, build_optimizer, build
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import TaskFamily, class_split_changes, class_split_record
 from maml_cli.errors import UserError
-from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation
+from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation, ci_text
 from maml_cli.results import first_hparams
 from maml_cli.run_lock import run_lock
 from maml_cli.suggest import explain_config_error, explain_list_item_error
@@ -338,11 +338,12 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
             trainer.threads.close()
     for inner_step, step_results in results.items():
         value, ci = step_results[metric]
-        log.info("meta-test %s after %d inner step(s): %.4f +- %.4f (95%% CI, %d tasks)", metric, inner_step, value, ci, cfg.test_tasks)
+        log.info("meta-test %s after %d inner step(s): %.4f +- %s (95%% CI, %d task%s)", metric, inner_step, value, ci_text(ci), cfg.test_tasks,
+                 "" if cfg.test_tasks == 1 else "s")
     final = after_last_step(results)
     for name, series in by_presentation(final).items():
         log.info("meta-test %s by presentation index: %s", name,
-                 ", ".join(f"{index}: {value:.4f} +- {ci:.4f}" for index, (value, ci) in sorted(series.items())))
+                 ", ".join(f"{index}: {value:.4f} +- {ci_text(ci)}" for index, (value, ci) in sorted(series.items())))
     tested = run_dir / trainer.tested_checkpoint
     log.info("the meta-test scored %s (%s)", tested, f"iteration {trainer.state.best_iteration}, chosen by early stopping"
              if trainer.tested_checkpoint == "best.pt" else f"the weights at the end, iteration {trainer.state.iteration}")
