@@ -127,6 +127,12 @@ def test_a_rank_killed_mid_run_ends_the_job_with_an_error_naming_it(tmp_path):
     assert "rank" in output and ("Signal 9" in output or "SIGKILL" in output), output[-3000:]
 
 
+def test_a_misspelt_key_under_torchrun_is_one_paragraph_not_one_per_rank(tmp_path):
+    output = finished(torchrun(["dataset=sinusoid", "inner_setps=3"], tmp_path), timeout=180)
+    assert output.count("maml-train: error:") == 1 and "inner_setps" in output, output[-3000:]
+    assert "Traceback" not in output.split("maml-train: error:")[0], output[-3000:]
+
+
 def test_a_meta_batch_the_ranks_cannot_share_is_refused_and_shares_are_the_meta_batch():
     with pytest.raises(UserError, match="meta_batch_size=3 cannot be shared equally by 2 ranks"):
         check_meta_batch(3, Ranks(0, 2))

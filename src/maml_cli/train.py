@@ -459,13 +459,12 @@ def main() -> None:
     except UserError as err:  # before Hydra: joining the ranks torchrun started (or a run's error re-raised for tracebacks)
         if _user_wants_tracebacks:
             raise
-        print(f"maml-train: error: {err}", file=sys.stderr)
+        print(f"maml-train: error: {err}", file=sys.stderr)  # every rank: a collective that timed out is this rank's own story
         raise SystemExit(2) from None
     except HydraException as err:
         if _user_wants_tracebacks:
             raise
-        explanation = explain_config_error(err) or str(err).strip().splitlines()[0]
-        print(f"maml-train: error: {explanation}", file=sys.stderr)
+        _command_error(explain_config_error(err) or str(err).strip().splitlines()[0])
         raise SystemExit(2) from None
     except OSError as err:
         if _user_wants_tracebacks or err.filename is None or _task_started:
@@ -478,7 +477,7 @@ def main() -> None:
         explanation = None if _user_wants_tracebacks else explain_list_item_error(err, sys.argv[1:])
         if explanation is None:
             raise
-        print(f"maml-train: error: {explanation}", file=sys.stderr)
+        _command_error(explanation)
         raise SystemExit(2) from None
     finally:
         distributed.stop()
@@ -486,6 +485,13 @@ def main() -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _command_error(explanation: str) -> None:
+    """Print an error in the command itself (its composition, its overrides). Every rank torchrun starts composes the
+    same command and fails the same way, so one rank per machine says so, not every rank the same paragraph."""
+    if distributed.current().local_rank == 0:
+        print(f"maml-train: error: {explanation}", file=sys.stderr)
 
 
 def join_ranks() -> None:
