@@ -215,3 +215,36 @@ def test_evaluate_predicts_the_queries_only_after_the_scored_steps():
         assert sum(query_passes) == len(kept) and len(query_passes) - sum(query_passes) == 5  # every step is still taken
         for step in kept:
             torch.testing.assert_close(scored[step]["mse"], every_step[step]["mse"])
+
+
+class TiedLinears(nn.Module):
+    """Two layers sharing one weight tensor under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 3, bias=False)
+        self.second = nn.Linear(3, 3, bias=False)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+def test_functional_forward_uses_a_tied_weight_everywhere_it_is_tied():
+    torch.manual_seed(0)
+    model, x, weight = TiedLinears().double(), torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    out = functional_forward(model)({"first.weight": weight}, x)
+    torch.testing.assert_close(out, torch.tanh(x @ weight.T) @ weight.T)
+
+
+def test_functional_forward_on_a_subset_of_parameters_keeps_the_model_s_own_for_the_rest():
+    torch.manual_seed(0)
+    model = Conv4(1, 5, hidden=8).double()
+    x = torch.randn(10, 1, 28, 28, dtype=torch.float64)
+    head = {n: torch.randn_like(p) for n, p in model.named_parameters() if n.startswith("head.")}
+    body = {n: p for n, p in model.named_parameters() if not n.startswith("head.")}
+    forward = functional_forward(model)
+    features = forward(body, x, "body")
+    torch.testing.assert_close(forward(head, features, "head"), features @ head["head.weight"].T + head["head.bias"])
+    torch.testing.assert_close(forward({**body, **head}, x), forward(head, features, "head"))
+    torch.testing.assert_close(model(x), forward({}, x))  # the model's own parameters are left in place

@@ -30,11 +30,20 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("maml_cli.progress")
 
 
+def has_tied_tensors(model: nn.Module) -> bool:
+    """Whether one tensor is a parameter or buffer of ``model`` under two names (tied weights)."""
+    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)] + [t for _, t in model.named_buffers(remove_duplicate=False)]
+    return len({id(t) for t in tensors}) < len(tensors)
+
+
 def functional_forward(model: nn.Module) -> Forward:
     """``forward(params, *inputs)``: the model evaluated with ``params`` instead of its own parameters."""
+    # functional_call looks for tied tensors by walking every parameter and buffer of the model on each call,
+    # which costs more than a head-only forward (ANIL's inner steps) computes; the answer does not change, so ask once.
+    tie_weights = has_tied_tensors(model)
 
     def forward(params: Params, *inputs: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
-        return functional_call(model, params, inputs)
+        return functional_call(model, params, inputs, tie_weights=tie_weights)
 
     return forward
 
@@ -167,11 +176,11 @@ class TaskThreads:
         torch.set_num_threads(self.intra_op_threads)
 
     def _forward(self) -> Forward:
-        if getattr(self._local, "model", None) is None:
+        if getattr(self._local, "forward", None) is None:
             # New modules, the same tensors: no second copy of the weights (on a GPU it would count).
             shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
-            self._local.model = copy.deepcopy(self.model, memo=shared)
-        return functional_forward(self._local.model)
+            self._local.forward = functional_forward(copy.deepcopy(self.model, memo=shared))
+        return self._local.forward
 
     def _task(self, algorithm: Algorithm, params: Params, batch: EpisodeBatch, objective: Objective, scale: float) -> tuple[tuple[Tensor | None, ...], Metrics]:
         if algorithm.outer == "gradient":
