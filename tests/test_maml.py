@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from maml_cli.algorithms.maml import MAML, adapt
-from maml_cli.loop import functional_forward
+from maml_cli.loop import functional_forward, has_tied_tensors
 from maml_cli.models import BatchStatNorm, Conv4, differentiated_twice, in_differentiated_twice
 from maml_cli.tasks import Episode, EpisodeBatch, classification_objective, regression_objective
 
@@ -233,6 +233,7 @@ class TiedLinears(nn.Module):
 def test_functional_forward_uses_a_tied_weight_everywhere_it_is_tied():
     torch.manual_seed(0)
     model, x, weight = TiedLinears().double(), torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    assert has_tied_tensors(model)
     out = functional_forward(model)({"first.weight": weight}, x)
     torch.testing.assert_close(out, torch.tanh(x @ weight.T) @ weight.T)
 
@@ -240,6 +241,7 @@ def test_functional_forward_uses_a_tied_weight_everywhere_it_is_tied():
 def test_functional_forward_on_a_subset_of_parameters_keeps_the_model_s_own_for_the_rest():
     torch.manual_seed(0)
     model = Conv4(1, 5, hidden=8).double()
+    assert not has_tied_tensors(model)  # functional_call is then spared its search for tied weights
     x = torch.randn(10, 1, 28, 28, dtype=torch.float64)
     head = {n: torch.randn_like(p) for n, p in model.named_parameters() if n.startswith("head.")}
     body = {n: p for n, p in model.named_parameters() if not n.startswith("head.")}
