@@ -397,6 +397,17 @@ def test_maml_eval_takes_a_run_directory_and_says_which_checkpoint_it_scores(tmp
     assert exit_info.value.code == 2 and "is a directory without best.pt or last.pt" in capsys.readouterr().err
 
 
+def test_maml_eval_shows_its_progress_bar_unless_told_not_to_as_maml_train(tmp_path, capsys):
+    from maml_cli import evaluate
+    run_in_process("maml-train", SINE, cwd=tmp_path)
+    run = only_run(tmp_path)
+    evaluate.main([f"checkpoint={run}", "test_tasks=3", f"output={tmp_path / 'bar.json'}"])
+    assert "meta-test: 100%" in capsys.readouterr().err
+    evaluate.main([f"checkpoint={run}", "test_tasks=3", "progress=false", f"output={tmp_path / 'quiet.json'}"])
+    out, err = capsys.readouterr()
+    assert "meta-test:" not in err and "written: " in out  # a log file gets the results, not thousands of bar updates
+
+
 def test_maml_eval_finds_a_named_split_whose_class_lists_have_moved(tmp_path, small_omniglot, capsys):
     # A run trained elsewhere (another machine, a GPU) names a split_dir that does not exist here.
     from maml_cli import evaluate

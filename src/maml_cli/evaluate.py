@@ -4,7 +4,7 @@ Usage::
 
     maml-eval checkpoint=outputs/runs/<run>/best.pt [test_tasks=600] [test_inner_steps=N] [score_every=K]
     maml-eval checkpoint=outputs/runs/<run>           # a run directory: its best.pt, else its last.pt
-              [split=test|val] [way=N] [shot=K] [query=Q] [eval_seed=0] [device=auto] [data_root=DIR]
+              [split=test|val] [way=N] [shot=K] [query=Q] [eval_seed=0] [device=auto] [progress=true] [data_root=DIR]
               [dataset.split_dir=DIR]                   # where the split's class lists are now, if they moved
               [dataset.root=DIR] [dataset.store_dir=DIR]  # dataset=folder's images, the decoded images, if they moved
               [output=FILE]                             # where to write the JSON (default: a name recording the settings)
@@ -80,6 +80,7 @@ class EvalConfig:
     device: str = "auto"
     threads: str = "auto"  # CPU threads: auto (OMP_NUM_THREADS if set, else the CPUs this process may use) or a number
     keep_freed_memory: bool = True  # glibc: reuse freed memory instead of returning it to the OS each step (maml_cli.allocator)
+    progress: bool = True  # show the tqdm bar (false for a log file, as maml-train's progress=false)
     data_root: Optional[str] = None  # default: the run's data root
     dataset: EvalDataset = field(default_factory=EvalDataset)
     output: Optional[str] = None  # the JSON file to write (refused if it exists); default: a name beside the checkpoint
@@ -156,7 +157,7 @@ def run_eval(args: EvalConfig) -> dict:
     algorithm = learner.algorithm
     way, shot, query = algorithm.episode_shape(args.split, cfg.way, cfg.shot, cfg.query)
     sampler = tasks.sampler(args.split, way, shot, query, device)
-    results = evaluate(algorithm, learner.model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device, progress=True,
+    results = evaluate(algorithm, learner.model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device, progress=args.progress,
                        description=f"meta-{args.split}", score_every=score_every)
     metric = tasks.kind.metric
     presentation = by_presentation(after_last_step(results)).get(metric, {})
