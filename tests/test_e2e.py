@@ -426,6 +426,28 @@ def test_maml_eval_finds_a_named_split_whose_class_lists_have_moved(tmp_path, sm
     assert "unknown key dataset.splitdir. Did you mean split_dir?" in capsys.readouterr().err
 
 
+def test_maml_eval_notes_episodes_shaped_otherwise_than_training_for_a_network_with_batch_statistics(tmp_path, small_omniglot, capsys):
+    # With batch statistics the query batch's size changes what each query is normalised with, so the same model scores
+    # differently at 1 and 15 queries per class; a reader comparing with a paper's protocol has to know.
+    from maml_cli import evaluate
+    for norm in ("batch", "example"):
+        (tmp_path / norm).mkdir()
+        run_in_process("maml-train", omniglot_args(small_omniglot, 1, f"model.batch_norm={norm}"), cwd=tmp_path / norm)
+        run = only_run(tmp_path / norm)
+        for query in (2, 1):
+            capsys.readouterr()
+            evaluate.main([f"checkpoint={run}", "test_tasks=3", f"query={query}", "progress=false"])
+            table = capsys.readouterr().out
+            written = next(line for line in table.splitlines() if line.startswith("written: ")).split(": ", 1)[1]
+            report = json.loads(Path(written).read_text())
+            assert report["trained_episodes"] == {"way": 3, "shot": 1, "query": 2} and report["batch_statistics"] == (norm == "batch")
+            noted = "note: the network normalises each batch with the batch's own statistics" in table
+            assert noted == (norm == "batch" and query == 1), table
+            if noted:
+                assert ("it trained on 3-way 1-shot with 2 queries per class, these are 3-way 1-shot with 1 query per class"
+                        in table)
+
+
 def test_impossible_episode_is_an_error_before_training_naming_the_numbers(tmp_path, small_omniglot):
     result = run_in_process("maml-train", omniglot_args(small_omniglot, 2, "way=40"), cwd=tmp_path, check=False)
     assert result.returncode == 2
@@ -486,7 +508,11 @@ def test_every_algorithm_writes_the_tags_of_maml_and_is_scored_by_maml_eval(tmp_
     assert steps(scalars, "test/accuracy_by_inner_step") == [0]  # no inner loop: one row
     # The run's final test scored the final weights (last.pt) on the eval_seed episodes: maml-eval must agree.
     result = run_in_process("maml-eval", [f"checkpoint={run / 'last.pt'}"], cwd=tmp_path)
-    assert float(result.stdout.splitlines()[2].split()[1]) == pytest.approx(scalars["test/accuracy_by_inner_step"][0][1], abs=1e-4)
+    first_row = next(line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["0"])
+    assert float(first_row[1]) == pytest.approx(scalars["test/accuracy_by_inner_step"][0][1], abs=1e-4)
+    # ProtoNet trained on 6-way episodes with 3 queries, normalising each with its own statistics: the 3-way ones differ.
+    assert ("it trained on 6-way 1-shot with 3 queries per class, these are 3-way 1-shot with 2 queries" in result.stdout) == (
+        "algo=protonet" in algo_args)
     if "algo.protocol=sequence" in algo_args:
         assert steps(scalars, "test/accuracy_by_presentation") == [1, 2, 3, 4]
         assert steps(scalars, "train/accuracy_instance_04") == [1, 2]
@@ -616,8 +642,9 @@ def test_each_inner_loop_algorithm_resumes_exactly_and_maml_eval_reproduces_its_
     by_step = resumed["test/accuracy_by_inner_step"][-len(scored):]  # the points before: the interrupted run's own final test
     assert [s for s, _ in by_step] == scored and by_step == straight["test/accuracy_by_inner_step"]
     report = run_in_process("maml-eval", [f"checkpoint={first / 'last.pt'}"], cwd=tmp_path).stdout.splitlines()
-    assert [int(line.split()[0]) for line in report[2:2 + len(scored)]] == scored
-    assert [float(line.split()[1]) for line in report[2:2 + len(scored)]] == pytest.approx([v for _, v in by_step], abs=1e-4)
+    rows = [line.split() for line in report if line.split()[:1] and line.split()[0].isdigit()]  # after the title and any notes
+    assert [int(row[0]) for row in rows] == scored
+    assert [float(row[1]) for row in rows] == pytest.approx([v for _, v in by_step], abs=1e-4)
 
 
 def test_resume_refuses_a_new_iteration_count_when_the_algorithm_anneals_its_outer_rate_over_it(tmp_path, small_omniglot):

@@ -162,6 +162,8 @@ def run_eval(args: EvalConfig) -> dict:
     metric = tasks.kind.metric
     presentation = by_presentation(after_last_step(results)).get(metric, {})
     classes = compare_classes(state.get("class_split"), class_split_record(tasks), args.split)
+    saved = state["config"]
+    train_way, train_shot, train_query = algorithm.episode_shape("train", int(saved["way"]), int(saved["shot"]), int(saved["query"]))
     return {
         "checkpoint": str(args.checkpoint), "iteration": state["iteration"], "split": args.split,
         "dataset_split": tasks.split_name, "metric": metric, "tasks": cfg.test_tasks, "eval_seed": cfg.eval_seed,
@@ -169,6 +171,9 @@ def run_eval(args: EvalConfig) -> dict:
         "by_inner_step": [{"inner_steps": k, "mean": r[metric][0], "ci95": r[metric][1]} for k, r in results.items()],
         "by_presentation": [{"presentation": k, "mean": m, "ci95": c} for k, (m, c) in sorted(presentation.items())],
         "classes": classes,
+        # With batch statistics a score depends on how many examples each batch holds, not only on the model.
+        "batch_statistics": bool(learner.model.mixes_examples),
+        "trained_episodes": {"way": train_way, "shot": train_shot, "query": train_query},
     }
 
 
@@ -269,6 +274,8 @@ def format_table(report: dict) -> str:
     ]
     if report.get("classes") not in (None, "the run's", "not recorded"):
         lines.insert(1, f"note: not the run's {report['split']} classes: {report['classes']}")
+    if (note := batch_statistics_note(report)) is not None:
+        lines.insert(1, note)
     for row in report["by_inner_step"]:
         lines.append(f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {ci_text(row['ci95']):>8}")
     if report["by_presentation"]:
@@ -276,6 +283,19 @@ def format_table(report: dict) -> str:
         for row in report["by_presentation"]:
             lines.append(f"{row['presentation']:>11}  {row['mean']:>10.4f}  {ci_text(row['ci95']):>8}")
     return "\n".join(lines)
+
+
+def batch_statistics_note(report: dict) -> str | None:
+    """The table's note when the network normalises with each batch's own statistics and the scored episodes are shaped
+    otherwise than the training episodes: its batches then hold other numbers of examples, and the same model scores
+    differently (docs/results.md measures it for MAML on Omniglot)."""
+    trained = report["trained_episodes"]
+    if not report["batch_statistics"] or all(report[key] == trained[key] for key in trained):
+        return None
+    def shape(episodes: dict) -> str:
+        return f"{episodes['way']}-way {episodes['shot']}-shot with {episodes['query']} quer{'y' if episodes['query'] == 1 else 'ies'} per class"
+    return (f"note: the network normalises each batch with the batch's own statistics, so its score depends on the episodes' shape "
+            f"as well as on the model: it trained on {shape(trained)}, these are {shape(report)}")
 
 
 def main(argv: list[str] | None = None) -> None:
