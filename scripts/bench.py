@@ -23,6 +23,9 @@ Implementations (``impl`` in the JSON rows):
     maml-cli:episodes_per_call=1
                  the same, one episode per call to the algorithm, for algorithms that otherwise compute the
                  whole meta-batch in one pass (the LSTM): the path such an algorithm took before batching.
+    maml-cli:batch_tasks=true
+                 the same with ``algo.batch_tasks=true``: the meta-batch's tasks in one ``vmap`` (MAML, ANIL,
+                 Meta-SGD; skipped for the others).
     loop         a plain ``torch.func.functional_call`` loop over tasks, written out here: the reference.
     higher       ``higher.innerloop_ctx`` (``pip install -e ".[bench]"``); skipped with a note if missing.
     learn2learn  ``learn2learn.algorithms.MAML``, when importable (its PyPI package does not build on
@@ -77,7 +80,8 @@ from maml_cli.tasks import Episode, classification_objective
 
 TWO_AT_ONCE = "maml-cli:tasks_at_once=2"
 ONE_PER_CALL = "maml-cli:episodes_per_call=1"
-IMPLS = ("maml-cli", TWO_AT_ONCE, ONE_PER_CALL, "loop", "higher", "learn2learn", "fwd+bwd")
+BATCHED = "maml-cli:batch_tasks=true"
+IMPLS = ("maml-cli", TWO_AT_ONCE, ONE_PER_CALL, BATCHED, "loop", "higher", "learn2learn", "fwd+bwd")
 
 
 @dataclass(frozen=True)
@@ -228,13 +232,15 @@ def make_episodes(setting: Setting, dtype: torch.dtype, device: torch.device, se
     return episodes
 
 
-def algorithm(setting: Setting) -> Any:
+def algorithm(setting: Setting, batch_tasks: bool = False) -> Any:
     if setting.algo == "maml":
-        return MAML(setting.inner_lr, setting.inner_steps, 0, setting.first_order)
+        return MAML(setting.inner_lr, setting.inner_steps, 0, setting.first_order, batch_tasks)
     if setting.algo == "anil":
-        return ANIL(setting.inner_lr, setting.inner_steps, 0, setting.first_order)
+        return ANIL(setting.inner_lr, setting.inner_steps, 0, setting.first_order, batch_tasks)
     if setting.algo == "metasgd":
-        return MetaSGD(setting.inner_lr, setting.inner_steps, 0, setting.first_order)
+        return MetaSGD(setting.inner_lr, setting.inner_steps, 0, setting.first_order, batch_tasks)
+    if batch_tasks:
+        raise Skip("algo.batch_tasks is for MAML, ANIL and Meta-SGD")
     if setting.algo == "mamlpp":
         # Part-way through the multi-step loss's annealing, so every step's weight counts.
         return MAMLPlusPlus(setting.inner_lr, setting.inner_steps, 0, msl_iterations=MAMLPP_MSL_ITERATIONS).at_iteration(MAMLPP_ITERATION, 10**6)
@@ -273,6 +279,11 @@ def step_maml_cli_one_per_call(setting: Setting) -> Callable:
     if algo.episodes_per_call == 1:
         raise Skip("maml-cli already takes one episode per call")
     algo.episodes_per_call = 1
+    return lambda model, episodes: accumulate_meta_gradient(algo, model, episodes, classification_objective)
+
+
+def step_maml_cli_batched(setting: Setting) -> Callable:
+    algo = algorithm(setting, batch_tasks=True)
     return lambda model, episodes: accumulate_meta_gradient(algo, model, episodes, classification_objective)
 
 
@@ -448,7 +459,7 @@ def step_fwd_bwd(setting: Setting) -> Callable:
     return step
 
 
-MAKERS = {"maml-cli": step_maml_cli, TWO_AT_ONCE: step_maml_cli_two_at_once, ONE_PER_CALL: step_maml_cli_one_per_call, "loop": step_loop, "higher": step_higher, "learn2learn": step_learn2learn, "fwd+bwd": step_fwd_bwd}
+MAKERS = {"maml-cli": step_maml_cli, TWO_AT_ONCE: step_maml_cli_two_at_once, ONE_PER_CALL: step_maml_cli_one_per_call, BATCHED: step_maml_cli_batched, "loop": step_loop, "higher": step_higher, "learn2learn": step_learn2learn, "fwd+bwd": step_fwd_bwd}
 
 
 # -- measuring ---------------------------------------------------------------------------------

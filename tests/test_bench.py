@@ -22,7 +22,7 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("impl", ["maml-cli", "maml-cli:tasks_at_once=2", "maml-cli:episodes_per_call=1"])
+@pytest.mark.parametrize("impl", ["maml-cli", "maml-cli:tasks_at_once=2", "maml-cli:episodes_per_call=1", "maml-cli:batch_tasks=true"])
 @pytest.mark.parametrize("setting", ["a", "b", "c", "protonet_60w5s", "lstm_5w", "anil_b", "metasgd_a", "mamlpp_5w", "reptile_5w"])
 def test_maml_cli_meta_gradient_equals_the_plain_loop_in_float64(bench, setting, impl):
     tiny = bench.QUICK[setting]
@@ -30,6 +30,8 @@ def test_maml_cli_meta_gradient_equals_the_plain_loop_in_float64(bench, setting,
         pytest.skip("one task per meta-batch")
     if impl.endswith("episodes_per_call=1") and tiny.algo != "lstm":
         pytest.skip("already one episode per call")
+    if impl.endswith("batch_tasks=true") and tiny.algo not in ("maml", "anil", "metasgd"):
+        pytest.skip("algo.batch_tasks is for MAML, ANIL and Meta-SGD")
     reference = bench.meta_gradient(tiny, "loop", torch.device("cpu"), None)
     ours = bench.meta_gradient(tiny, impl, torch.device("cpu"), None)
     assert reference.dtype == torch.float64 and reference.norm() > 0

@@ -490,7 +490,9 @@ def test_the_hparams_tab_gets_numbers_and_text_and_no_paths_or_machine_keys(over
     hparams_summary(shown, {})
     assert not {"dataset.root", "dataset.store_dir", "dataset.split_dir", "dataset.download", "dataset.in_memory",
                 "model.channels_last", "data_root", "device", "threads"} & set(shown)
-    assert shown["algo"] == cfg.algo._target_.rsplit(".", 1)[-1] and all(f"algo.{key}" in shown or key in shown for key in cfg.algo if key != "_target_")
+    assert "algo.batch_tasks" not in shown  # how the tasks are computed, not what is learned
+    assert shown["algo"] == cfg.algo._target_.rsplit(".", 1)[-1] and all(f"algo.{key}" in shown or key in shown for key in cfg.algo
+                                                                          if key not in ("_target_", "batch_tasks"))
     if cfg.scheduler is not None:  # the ProtoNet presets' StepLR
         assert shown["scheduler"] == "StepLR" and "scheduler.step_size" in shown
 
@@ -502,8 +504,9 @@ def test_run_names_leave_out_exactly_the_keys_that_do_not_change_what_a_run_lear
     from maml_cli.build import MACHINE_KEYS, RESUME_FREE_KEYS
     excluded = set(OmegaConf.load(CONF / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
     assert set(MACHINE_KEYS) <= excluded
-    # Resume-free but in the name: how long it ran, when it stops early, and two settings a name may as well show.
-    assert RESUME_FREE_KEYS - excluded == {"iterations", "patience", "dataset.download", "model.channels_last"}
+    # Resume-free but in the name: how long it ran, when it stops early, and three settings a name may as well show
+    # (a sweep over how the tasks are computed, algo.batch_tasks=true,false, would otherwise give its runs one folder).
+    assert RESUME_FREE_KEYS - excluded == {"iterations", "patience", "dataset.download", "model.channels_last", "algo.batch_tasks"}
     # Left out of the name although a resume may not change it freely: the folder of the split's class lists, a path a
     # name should not carry (a resume takes another folder only when its lists name the run's classes in the run's order).
     assert excluded - RESUME_FREE_KEYS == {"dataset.split_dir"}

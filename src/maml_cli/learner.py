@@ -101,7 +101,7 @@ class Learner:
     def __init__(self, config: DictConfig, model_state: dict[str, Tensor], device: torch.device, checkpoint: Path, iteration: int) -> None:
         self.config, self.device, self.checkpoint, self.iteration = config, device, checkpoint, iteration
         self.inputs = dataset_inputs(config)
-        self.algorithm: Algorithm = build_algorithm(config)
+        self.algorithm: Algorithm = build_algorithm(config, device)
         self.model = build_model(config, self.inputs, self.algorithm, device)
         try:
             self.model.load_state_dict(model_state)
@@ -163,7 +163,7 @@ class Learner:
         other = copy.copy(self)  # the same network
         other.config = copy.deepcopy(self.config)
         other.config.test_inner_steps = other.config.algo.test_inner_steps = steps
-        other.algorithm, other.inner_steps = build_algorithm(other.config), steps
+        other.algorithm, other.inner_steps = build_algorithm(other.config, self.device), steps
         return other
 
     def adaptations(self, support: Examples, labels: Union[Tensor, Sequence[Hashable]]) -> tuple[list[Hashable], Iterator[Predictor]]:

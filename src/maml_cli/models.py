@@ -36,28 +36,48 @@ class Backbone(Protocol):
     def __call__(self, x: Tensor, part: "Part" = "all") -> Tensor: ...
 
 
-_passes = threading.local()
+class PassMark:
+    """A per-thread mark on the forward passes run inside ``with mark:`` (tasks run concurrently on threads,
+    ``tasks_at_once``, do not see each other's); ``bool(mark)`` says whether the current pass carries it."""
+
+    def __init__(self) -> None:
+        self._state = threading.local()
+
+    def __bool__(self) -> bool:
+        return getattr(self._state, "on", False)
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        previous = bool(self)
+        self._state.on = True
+        try:
+            yield
+        finally:
+            self._state.on = previous
 
 
-@contextmanager
-def differentiated_twice() -> Iterator[None]:
-    """Marks forward passes whose graph will itself be differentiated (MAML's inner loop at second order).
-
-    conv4 computes such passes in the contiguous layout even when it is channels-last: on a
-    2-core CPU a second-order step ran 1.06-1.23x slower channels-last, while a pass
-    differentiated once ran 1.26-1.86x faster (``scripts/bench_conv4_layout.py``). The mark
-    is per thread, so tasks run concurrently (``tasks_at_once``) do not see each other's.
-    """
-    previous = getattr(_passes, "twice", False)
-    _passes.twice = True
-    try:
-        yield
-    finally:
-        _passes.twice = previous
+# Forward passes whose graph will itself be differentiated (MAML's inner loop at second order). conv4 computes them in
+# the contiguous layout even when it is channels-last: on a 2-core CPU a second-order step ran 1.06-1.23x slower
+# channels-last, while a pass differentiated once ran 1.26-1.86x faster (``scripts/bench_conv4_layout.py``).
+differentiated_twice = PassMark()
+# Forward passes run under ``torch.func.vmap`` over the tasks of a meta-batch (``algo.batch_tasks``). BatchStatNorm then
+# normalises with mean, variance and ``rsqrt`` written out, whose second-order gradients under vmap are exact by
+# construction; the fused kernel's batching rule is a torch internal the meta-gradient does not rely on.
+batched_over_tasks = PassMark()
 
 
 def in_differentiated_twice() -> bool:
-    return getattr(_passes, "twice", False)
+    return bool(differentiated_twice)
+
+
+def in_batched_over_tasks() -> bool:
+    return bool(batched_over_tasks)
+
+
+def computes_channels_last(channels_last: bool) -> bool:
+    """Whether a network built with ``channels_last`` computes the current pass channels-last: not in passes marked
+    :func:`differentiated_twice` (slower there), nor under ``vmap`` over tasks (which has no memory formats)."""
+    return channels_last and not in_differentiated_twice() and not in_batched_over_tasks()
 
 
 # Which part of a classifier to run: all of it, the body (features), or the head on given features (ANIL's inner loop).
@@ -88,9 +108,9 @@ class BatchStatNorm(nn.Module):
     conv4 1.5-1.9x faster on a 2-core CPU than the same normalisation written from
     mean, variance and ``rsqrt`` (``scripts/bench_conv4_layout.py``), and its double
     backward is exact when tasks are processed one at a time (the MAML
-    finite-difference tests check it). Under ``vmap`` its batching
-    rule gives wrong second-order gradients; a batched-over-tasks path would need
-    the elementary formulation.
+    finite-difference tests check it). Passes marked :func:`batched_over_tasks`
+    use the elementary formulation instead (the batched meta-gradient is checked
+    against the task-by-task one in float64).
 
     Args:
         channels: number of feature channels (dimension 1 of the input).
@@ -108,6 +128,13 @@ class BatchStatNorm(nn.Module):
             # One value per channel is its own mean: it normalises to zero (F.batch_norm refuses it).
             shape = [1, -1] + [1] * (x.dim() - 2)
             return (x - x) * self.weight.view(shape) + self.bias.view(shape)
+        if in_batched_over_tasks():
+            dims = [0, *range(2, x.dim())]
+            mean = x.mean(dim=dims, keepdim=True)
+            centred = x - mean
+            variance = centred.pow(2).mean(dim=dims, keepdim=True)  # biased, as F.batch_norm normalises with
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            return centred * torch.rsqrt(variance + self.eps) * self.weight.view(shape) + self.bias.view(shape)
         return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
 
 
@@ -187,7 +214,7 @@ class Conv4(nn.Module):
         """Logits of images ``x`` (``part="all"``), their features (``"body"``), or the head applied to features ``x`` (``"head"``)."""
         if part == "head":
             return self.head(x)
-        if self.channels_last and not in_differentiated_twice():
+        if computes_channels_last(self.channels_last):
             # A one-channel image is laid out the same either way, so the first convolution
             # returns contiguous output; converting each convolution's output (a no-op once the
             # input is channels-last) carries the whole network channels-last.
@@ -285,7 +312,7 @@ class ResNet12(nn.Module):
     def forward(self, x: Tensor, part: Part = "all") -> Tensor:
         """Logits of images ``x`` (``part="all"``), their features (``"body"``), or the head applied to features ``x`` (``"head"``)."""
         if part != "head":
-            layout = torch.channels_last if self.channels_last and not in_differentiated_twice() else torch.contiguous_format
+            layout = torch.channels_last if computes_channels_last(self.channels_last) else torch.contiguous_format
             for block in self.blocks:
                 x = block(x, layout)
             x = x.mean(dim=(2, 3))

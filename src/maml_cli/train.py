@@ -262,7 +262,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
     set_up_cpu(cfg.threads, cfg.keep_freed_memory)
     device = distributed.device_of(resolve_device(cfg.device), ranks)
     torch.manual_seed(cfg.seed)
-    algorithm = build_algorithm(cfg)
+    algorithm = build_algorithm(cfg, device)
     check_one_schedule(cfg, algorithm)
     settle_model_choices(cfg, algorithm)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

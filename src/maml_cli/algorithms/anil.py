@@ -9,7 +9,7 @@ through the head's inner updates (``first_order=true`` drops those terms, as in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ HEAD = "head."
 class ANILConfig(InnerLoopConfig):
     _target_: str = "maml_cli.algorithms.anil.ANIL"
     first_order: bool = False
+    batch_tasks: Optional[bool] = None  # None: on a GPU (build.default_batch_tasks)
 
 
 def split_head(params: Params) -> tuple[Params, Params]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from maml_cli.algorithms.base import (AlgorithmDefaults, Forward, Metrics, Params, Predictor, each_episode, each_episode_by_step, scored,
                                       scored_steps)
-from maml_cli.models import differentiated_twice
+from maml_cli.models import batched_over_tasks, differentiated_twice
 from maml_cli.tasks import Episode, EpisodeBatch, Objective
 
 # The learning rate of parameter ``name`` at inner step ``step`` (0-based): a number, or a tensor that
@@ -127,7 +127,9 @@ def inner_step(forward: Forward, params: Params, x: Tensor, y: Tensor, objective
     current = params if fixed_at is None else {**params, **fixed_at(step)}
     with nullcontext() if first_order else differentiated_twice():
         loss, _ = objective(forward(current, x), y, metrics=False)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
+    # A stack of tasks (``batch_tasks``) gives one loss per task: the gradient of their sum with respect to the
+    # stacked parameters is each task's own gradient, since no task's loss depends on another's parameters.
+    grads = torch.autograd.grad(loss if loss.dim() == 0 else loss.sum(), [params[n] for n in names], create_graph=not first_order)
     updated, state = rule.update(step, {n: params[n] for n in names}, dict(zip(names, grads)), state)
     return {**params, **updated}, state
 
@@ -201,6 +203,24 @@ def predictors_by_step(forward: Forward, params: Params, support_x: Tensor, supp
         yield predictor(forward, current)
 
 
+def over_tasks(forward: Forward) -> Forward:
+    """``forward`` for a stack of tasks: parameters of shape ``(tasks, *shape)`` and inputs ``(tasks, n, *item)``, each
+    task's inputs through the network with that task's parameters, in one ``torch.func.vmap`` (convolutions become
+    grouped convolutions: a few large kernels for the whole meta-batch instead of small ones per task)."""
+
+    def batched(params: Params, x: Tensor, *rest: str) -> Tensor:
+        with batched_over_tasks():
+            return torch.func.vmap(lambda task_params, task_x: forward(task_params, task_x, *rest))(params, x)
+
+    return batched
+
+
+def stacked_for_tasks(params: Params, tasks: int) -> Params:
+    """Each parameter repeated for ``tasks`` tasks along a new first dimension, as a view: gradients reaching the
+    copies add up on the shared tensor, which is the meta-gradient summed over the tasks."""
+    return {n: p.expand(tasks, *p.shape) for n, p in params.items()}
+
+
 def predictor(forward: Forward, params: Params) -> Predictor:
     """``predict(query_x)``: the network with ``params``, without a graph."""
 
@@ -217,23 +237,34 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
     statistics normalises the support and the query set each on its own), the run's episode shape, and the
     per-task ``task_loss`` and ``adaptations`` each of them writes.
 
+    With ``batch_tasks`` the same ``task_loss`` and ``adaptations`` run once for the whole stack of episodes a call
+    receives: the parameters repeated per task (:func:`stacked_for_tasks`), the network evaluated per task under
+    ``vmap`` (:func:`over_tasks`), the objective giving one loss per task. The mathematics is the task-by-task
+    path's (tests compare the two in float64); what changes is the number of kernels, which is what a step costs on
+    a GPU. An algorithm whose ``task_loss`` indexes or reduces across what would become the task dimension (MAML++'s
+    per-step rows and step-weighted losses) does not offer it.
+
     Args:
         inner_lr: step size of the inner loop (where learned rates start).
         inner_steps: inner steps during meta-training.
         test_inner_steps: inner steps at meta-validation and meta-test; metrics are reported after the scored ones.
         first_order: drop the second-order terms of the meta-gradient.
+        batch_tasks: compute every episode of a call together (the whole meta-batch at meta-training, stacks of
+            evaluation episodes at evaluation) instead of one task after another.
     """
 
     network = "classifier"
     inner_loop = True
     outer = "loss"
-    episodes_per_call = 1
 
-    def __init__(self, inner_lr: float, inner_steps: int, test_inner_steps: int, first_order: bool = False) -> None:
+    def __init__(self, inner_lr: float, inner_steps: int, test_inner_steps: int, first_order: bool = False,
+                 batch_tasks: bool = False) -> None:
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.test_inner_steps = test_inner_steps
         self.first_order = first_order
+        self.batch_tasks = batch_tasks
+        self.episodes_per_call: Optional[int] = None if batch_tasks else 1
 
     def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
         """Trained and scored on the run's own episode shape (the head has ``way`` outputs)."""
@@ -254,10 +285,22 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
                       objective, scored_steps(self.test_inner_steps, score_every))
 
     def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
-        """:meth:`task_loss` of each episode."""
+        """:meth:`task_loss` of each episode (of all of them at once with ``batch_tasks``)."""
+        if self.batch_tasks:
+            return self.task_loss(over_tasks(forward), stacked_for_tasks(params, len(episodes)), as_one_stack(episodes), objective)
         return each_episode(self.task_loss, forward, params, episodes, objective)
 
     def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
                  score_every: Optional[int] = 1) -> dict[int, Metrics]:
-        """Query metrics of each episode after the scored inner steps (:meth:`task_evaluate`)."""
+        """Query metrics of each episode after the scored inner steps (:meth:`task_evaluate`; all episodes at once with
+        ``batch_tasks``)."""
+        if self.batch_tasks:
+            return self.task_evaluate(over_tasks(forward), stacked_for_tasks(params, len(episodes)), as_one_stack(episodes), objective,
+                                      score_every)
         return each_episode_by_step(self.task_evaluate, forward, params, episodes, objective, score_every)
+
+
+def as_one_stack(episodes: EpisodeBatch) -> Episode:
+    """A stack of episodes in the form a per-task method takes: every tensor keeps its leading task dimension, which
+    :func:`over_tasks` and the objective (one value per task) carry through."""
+    return Episode(episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)

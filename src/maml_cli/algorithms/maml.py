@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 from torch import Tensor
 
@@ -24,6 +24,7 @@ __all__ = ["MAML", "MAMLConfig", "adapt"]
 class MAMLConfig(InnerLoopConfig):
     _target_: str = "maml_cli.algorithms.maml.MAML"
     first_order: bool = False
+    batch_tasks: Optional[bool] = None  # None: on a GPU (build.default_batch_tasks)
 
 
 class MAML(TaskByTaskInnerLoop):

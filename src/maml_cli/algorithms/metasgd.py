@@ -8,7 +8,7 @@ outer optimizer learns them, checkpoints hold them and ``resume`` restores them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ RATES = "inner_lrs"
 class MetaSGDConfig(InnerLoopConfig):
     _target_: str = "maml_cli.algorithms.metasgd.MetaSGD"
     first_order: bool = False
+    batch_tasks: Optional[bool] = None  # None: on a GPU (build.default_batch_tasks)
 
 
 class MetaSGD(TaskByTaskInnerLoop):

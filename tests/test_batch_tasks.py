@@ -1,0 +1,122 @@
+"""``algo.batch_tasks``: a meta-batch's tasks computed together under ``vmap`` must give the task-by-task path's numbers."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from maml_cli.algorithms.registry import registered_algorithms
+from maml_cli.build import build_algorithm, build_model, build_optimizer, build_samplers, build_tasks, validate
+from maml_cli.loop import accumulate_meta_gradient, functional_forward
+from maml_cli.models import Conv4
+from maml_cli.tasks import Episode, EpisodeBatch, classification_objective
+from test_config import compose_config, run_main_in_process
+
+REGISTERED = registered_algorithms()
+# Found through the schemas, not listed: an algorithm offers the switch by declaring the field.
+BATCHABLE = sorted(n for n, e in REGISTERED.items() if any(f.name == "batch_tasks" for f in dataclasses.fields(e.schema)))
+WAY, SHOT, QUERY, TASKS = 3, 2, 2, 3
+
+
+def episodes(seed=1, tasks=TASKS, side=16):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(WAY)
+    return [Episode(torch.randn(WAY * SHOT, 1, side, side, generator=g, dtype=torch.float64), labels.repeat_interleave(SHOT),
+                    torch.randn(WAY * QUERY, 1, side, side, generator=g, dtype=torch.float64), labels.repeat_interleave(QUERY))
+            for _ in range(tasks)]
+
+
+def algorithm(name, batch_tasks, first_order=False, steps=2):
+    return REGISTERED[name].algorithm(inner_lr=0.4, inner_steps=steps, test_inner_steps=steps + 1, first_order=first_order,
+                                      batch_tasks=batch_tasks)
+
+
+def network(name, batch_norm, channels_last=False):
+    torch.manual_seed(0)
+    model = algorithm(name, False).attach(Conv4(1, WAY, hidden=4, image_size=16, batch_norm=batch_norm, channels_last=channels_last))
+    with torch.no_grad():  # learned rates that differ by element (Meta-SGD), as after some meta-training
+        for n, p in model.named_parameters():
+            if n.startswith("inner_lrs."):
+                p.mul_(1 + 0.5 * torch.rand(p.shape))
+    return model.double()
+
+
+def test_the_algorithms_that_offer_batch_tasks_are_found_and_mamlpp_is_not_among_them():
+    assert {"maml", "anil", "metasgd"} <= set(BATCHABLE) and "mamlpp" not in BATCHABLE
+    assert algorithm("maml", True).episodes_per_call is None and algorithm("maml", False).episodes_per_call == 1
+
+
+@pytest.mark.parametrize("name", BATCHABLE)
+def test_batch_tasks_left_null_is_on_for_a_gpu_and_off_for_a_cpu_and_a_typed_value_wins(name):
+    # torch.device("cuda") is only a name here: nothing is put on a GPU.
+    cfg = compose_config([f"algo={name}"])
+    assert cfg.algo.batch_tasks is None
+    assert build_algorithm(cfg, torch.device("cuda")).batch_tasks is True
+    assert build_algorithm(cfg, torch.device("cpu")).batch_tasks is False and build_algorithm(cfg).batch_tasks is False
+    assert build_algorithm(compose_config([f"algo={name}", "algo.batch_tasks=false"]), torch.device("cuda")).batch_tasks is False
+    assert build_algorithm(compose_config([f"algo={name}", "algo.batch_tasks=true"]), torch.device("cpu")).episodes_per_call is None
+
+
+@pytest.mark.parametrize("name", BATCHABLE)
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("batch_norm,channels_last", [("batch", False), ("batch", True), ("example", False)])
+def test_the_batched_meta_gradient_and_metrics_equal_the_task_by_task_ones_in_float64(name, first_order, batch_norm, channels_last):
+    tasks = episodes()
+    results = {}
+    for batch_tasks in (False, True):
+        model = network(name, batch_norm, channels_last)
+        metrics = accumulate_meta_gradient(algorithm(name, batch_tasks, first_order), model, tasks, classification_objective)
+        results[batch_tasks] = metrics, {n: p.grad for n, p in model.named_parameters()}
+    (loop_metrics, loop_grads), (batched_metrics, batched_grads) = results[False], results[True]
+    assert loop_metrics.keys() == batched_metrics.keys()
+    for key in loop_metrics:
+        assert batched_metrics[key] == pytest.approx(loop_metrics[key], rel=1e-12, abs=1e-12)
+    scale = torch.cat([g.flatten() for g in loop_grads.values()]).norm()
+    assert scale > 0
+    # Against the whole gradient's norm: the convolution biases before batch statistics have a true gradient of zero,
+    # so their own relative error is rounding noise over rounding noise.
+    for n, grad in loop_grads.items():
+        assert batched_grads[n].shape == grad.shape
+        assert (batched_grads[n] - grad).norm() / scale < 1e-12, n
+
+
+@pytest.mark.parametrize("name", BATCHABLE)
+def test_batched_evaluation_scores_each_episode_as_the_task_by_task_evaluation_does(name):
+    model = network(name, "batch")
+    forward, params = functional_forward(model), dict(model.named_parameters())
+    stack = EpisodeBatch.stack(episodes(seed=5, tasks=4))
+    loop = algorithm(name, False).evaluate(forward, params, stack, classification_objective)
+    batched = algorithm(name, True).evaluate(forward, params, stack, classification_objective)
+    assert sorted(batched) == sorted(loop) == [0, 1, 2, 3]
+    for step in loop:
+        for metric, values in loop[step].items():
+            assert batched[step][metric].shape == (4,)
+            torch.testing.assert_close(batched[step][metric], values, rtol=1e-10, atol=1e-12)
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_a_batched_run_takes_the_same_steps_as_the_task_by_task_run():
+    # Built as maml-train builds them, on sinusoid regression (the MLP under vmap), trained a few outer steps.
+    curves = {}
+    for batch_tasks in ("false", "true"):
+        cfg = compose_config(["algo=maml", "dataset=sinusoid", f"algo.batch_tasks={batch_tasks}"])
+        validate(cfg)
+        algo, tasks = build_algorithm(cfg), build_tasks(cfg)
+        sampler = build_samplers(cfg, tasks, algo, torch.device("cpu"))["train"]
+        torch.manual_seed(0)
+        model = build_model(cfg, tasks, algo)
+        optimizer = build_optimizer(cfg, model)
+        generator = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(8):
+            optimizer.zero_grad()
+            meta_batch = [sampler.sample(generator) for _ in range(4)]
+            losses.append(accumulate_meta_gradient(algo, model, meta_batch, tasks.kind.objective)["loss"])
+            optimizer.step()
+        curves[batch_tasks] = losses
+    assert curves["true"] == pytest.approx(curves["false"], rel=1e-4)
+
+
+def test_batch_tasks_for_mamlpp_is_refused_as_a_key_it_does_not_have(tmp_path):
+    code, err = run_main_in_process(tmp_path, "algo=mamlpp", "dataset=sinusoid", "algo.batch_tasks=true")
+    assert code == 2 and "algo.batch_tasks" in err and len(err.strip().splitlines()) == 1, err
