@@ -17,7 +17,8 @@ differs from the loop's by more than ``--tolerance``.
 
 Implementations (``impl`` in the JSON rows):
     maml-cli     ``maml_cli.loop.accumulate_meta_gradient``, the code ``maml-train`` runs, with conv4 in the
-                 memory layout ``maml-train`` chooses (``maml_cli.build.default_channels_last``).
+                 memory layout ``maml-train`` chooses (``maml_cli.build.default_channels_last``), the tasks one
+                 at a time (on CUDA ``maml-train`` batches MAML's, ANIL's and Meta-SGD's by default: the row below).
     maml-cli:tasks_at_once=2
                  the same with ``tasks_at_once=2``: two tasks at a time, each on half the cores.
     maml-cli:episodes_per_call=1

@@ -1,15 +1,17 @@
 """``algo.batch_tasks``: a meta-batch's tasks computed together under ``vmap`` must give the task-by-task path's numbers."""
-import copy
 import dataclasses
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from maml_cli.algorithms.registry import registered_algorithms
 from maml_cli.build import build_algorithm, build_model, build_optimizer, build_samplers, build_tasks, validate
 from maml_cli.loop import accumulate_meta_gradient, functional_forward
 from maml_cli.models import Conv4
 from maml_cli.tasks import Episode, EpisodeBatch, classification_objective
+from maml_cli.train import task_threads
+from conftest import run_in_process
 from test_config import compose_config, run_main_in_process
 
 REGISTERED = registered_algorithms()
@@ -54,7 +56,40 @@ def test_batch_tasks_left_null_is_on_for_a_gpu_and_off_for_a_cpu_and_a_typed_val
     assert build_algorithm(cfg, torch.device("cuda")).batch_tasks is True
     assert build_algorithm(cfg, torch.device("cpu")).batch_tasks is False and build_algorithm(cfg).batch_tasks is False
     assert build_algorithm(compose_config([f"algo={name}", "algo.batch_tasks=false"]), torch.device("cuda")).batch_tasks is False
-    assert build_algorithm(compose_config([f"algo={name}", "algo.batch_tasks=true"]), torch.device("cpu")).episodes_per_call is None
+    # Batched, a call holds at most a meta-batch: evaluation stacks are no larger than a training step's.
+    assert build_algorithm(compose_config([f"algo={name}", "algo.batch_tasks=true", "meta_batch_size=7"]),
+                           torch.device("cpu")).episodes_per_call == 7
+    # The config of a run saved before the key existed has none: settled like null.
+    saved = OmegaConf.create(OmegaConf.to_container(compose_config([f"algo={name}"]), resolve=True))
+    del saved.algo["batch_tasks"]
+    assert build_algorithm(saved, torch.device("cuda")).batch_tasks is True and build_algorithm(saved).batch_tasks is False
+
+
+def test_tasks_at_once_gives_no_threads_to_an_algorithm_that_computes_a_meta_batch_in_one_call():
+    model = torch.nn.Linear(1, 1)
+    assert task_threads(model, 2, 8, torch.device("cpu"), episodes_per_call=8) is None
+    assert task_threads(model, 2, 8, torch.device("cpu"), episodes_per_call=None) is None
+    threads = task_threads(model, 2, 8, torch.device("cpu"), episodes_per_call=1)
+    assert threads is not None
+    threads.close()
+
+
+@pytest.mark.parametrize("entry_point", ["maml-train", "maml-eval"])
+def test_running_out_of_gpu_memory_is_one_line_naming_batch_tasks(tmp_path, monkeypatch, entry_point):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    if entry_point == "maml-train":
+        monkeypatch.setattr("maml_cli.train.train", out_of_memory)
+        code, err = run_main_in_process(tmp_path, "dataset=sinusoid")
+    else:
+        from maml_cli import evaluate
+
+        monkeypatch.setattr(evaluate, "run_eval", out_of_memory)
+        result = run_in_process("maml-eval", [f"checkpoint={tmp_path / 'last.pt'}"], cwd=tmp_path, check=False)
+        code, err = result.returncode, result.stderr
+    assert code == 2 and err.startswith(f"{entry_point}: error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert "algo.batch_tasks=false" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("name", BATCHABLE)

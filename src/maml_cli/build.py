@@ -271,10 +271,18 @@ def build_samplers(cfg: DictConfig, tasks: TaskFamily, algorithm: Algorithm, dev
 
 
 def build_algorithm(cfg: DictConfig, device: torch.device | None = None) -> Algorithm:
-    """The algorithm of ``cfg.algo``; ``algo.batch_tasks`` left null is settled for ``device`` (:func:`default_batch_tasks`)."""
-    if "batch_tasks" in cfg.algo and cfg.algo.batch_tasks is None:
-        return _instantiate(cfg.algo, "algorithm", batch_tasks=default_batch_tasks(device))
-    return _instantiate(cfg.algo, "algorithm")
+    """The algorithm of ``cfg.algo``.
+
+    For an algorithm whose schema has ``batch_tasks``: left null (or absent, in the config of a run saved before the
+    key existed) it is settled for ``device`` (:func:`default_batch_tasks`), and the tasks computed together are
+    capped at ``meta_batch_size`` (evaluation then holds no more tasks at once than a training step does).
+    """
+    entry = registered_by_target(cfg.algo._target_)
+    if entry is None or "batch_tasks" not in {field.name for field in dataclasses.fields(entry.schema)}:
+        return _instantiate(cfg.algo, "algorithm")
+    chosen = cfg.algo.get("batch_tasks")
+    return _instantiate(cfg.algo, "algorithm", batch_tasks=default_batch_tasks(device) if chosen is None else bool(chosen),
+                        tasks_per_call=cfg.meta_batch_size)
 
 
 def default_batch_tasks(device: torch.device | None) -> bool:

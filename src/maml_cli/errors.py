@@ -1,4 +1,10 @@
 """Errors a user can fix, reported as one paragraph without a traceback."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
 
 
 class UserError(Exception):
@@ -15,3 +21,16 @@ class DataError(UserError):
 
 class EpisodeError(UserError, ValueError):
     """A way/shot/query that a split cannot supply."""
+
+
+@contextmanager
+def out_of_memory_explained() -> Iterator[None]:
+    """A GPU's out-of-memory error inside, as a :class:`UserError` that says what holds memory and what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+        raise UserError(f"the GPU ran out of memory ({first_line}). With algo.batch_tasks (on by default on CUDA for MAML, "
+                        f"ANIL and Meta-SGD) every task of a meta-batch, and of an evaluation stack of meta_batch_size "
+                        f"episodes, is held at once: algo.batch_tasks=false computes one task at a time; a smaller "
+                        f"meta_batch_size, model or image size also needs less.") from err

@@ -48,7 +48,7 @@ from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, resolve
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.data.task_folders import TaskFiles, read_task_folders
-from maml_cli.errors import UserError
+from maml_cli.errors import UserError, out_of_memory_explained
 from maml_cli.learner import Learner, checkpoint_of, load
 from maml_cli.loop import after_last_step, by_presentation, ci_text, evaluate, mean_ci95, strict_json
 from maml_cli.suggest import explain_config_error
@@ -306,10 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.output:
             check_output(Path(args.output), bool(args.episodes))
         predictions = None
-        if args.episodes:
-            report, predictions = run_episodes(args)
-        else:
-            report = run_eval(args)
+        with out_of_memory_explained():
+            if args.episodes:
+                report, predictions = run_episodes(args)
+            else:
+                report = run_eval(args)
     except UserError as err:
         print(f"maml-eval: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

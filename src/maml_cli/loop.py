@@ -146,7 +146,7 @@ def after_last_step(results: dict[int, dict[str, tuple[float, float]]]) -> dict[
 
 
 class TaskThreads:
-    """Runs the tasks of a meta-batch concurrently, one task per thread.
+    """Runs the tasks of a meta-batch concurrently, one call of the algorithm (one task for the optimization family) per thread.
 
     The tasks of a meta-batch are independent until their meta-gradients are summed.
     Whether running them side by side, each on a share of the cores, beats running them one

@@ -168,7 +168,7 @@ class Conv4(nn.Module):
         image_size: side of the square input images; sets the head's input size.
         batch_norm: which statistics batch normalisation uses.
         channels_last: compute in the channels-last memory format, except passes marked
-            :func:`differentiated_twice`. On a 2-core CPU a forward+backward ran 1.26-1.86x
+            :func:`differentiated_twice` or run under ``vmap`` over tasks (:func:`computes_channels_last`). On a 2-core CPU a forward+backward ran 1.26-1.86x
             faster channels-last and a second-order step 1.06-1.23x slower
             (``scripts/bench_conv4_layout.py``, docs/performance.md).
 
@@ -275,7 +275,7 @@ class ResNet12(nn.Module):
         image_size: side of the square input images; at least 16, for four 2x2 poolings.
         batch_norm: which statistics the normalisation layers use.
         channels_last: compute in the channels-last memory format, except passes marked
-            :func:`differentiated_twice` (as :class:`Conv4`).
+            :func:`differentiated_twice` or run under ``vmap`` over tasks (:func:`computes_channels_last`) (as :class:`Conv4`).
 
     Example:
         >>> net = ResNet12(1, 5, hidden=(8, 8, 16, 16))

@@ -40,7 +40,7 @@ from maml_cli.build import (build_algorithm, build_model, build_optimizer, build
                             typed_keys, unflatten, validate, without_own_settings)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import TaskFamily, class_split_changes, class_split_record
-from maml_cli.errors import UserError
+from maml_cli.errors import UserError, out_of_memory_explained
 from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation, ci_text
 from maml_cli.results import first_hparams
 from maml_cli.run_lock import run_lock
@@ -50,10 +50,16 @@ from maml_cli.threads import set_up_cpu
 log = logging.getLogger("maml_cli")
 
 
-def task_threads(model: torch.nn.Module, tasks_at_once: int, meta_batch_size: int, device: torch.device) -> TaskThreads | None:
-    """Threads for ``tasks_at_once`` tasks, or None when one at a time is all there can be."""
+def task_threads(model: torch.nn.Module, tasks_at_once: int, meta_batch_size: int, device: torch.device,
+                 episodes_per_call: int | None) -> TaskThreads | None:
+    """Threads for ``tasks_at_once`` calls of the algorithm, or None when one at a time is all there can be (one task per
+    meta-batch, or an algorithm that computes a whole meta-batch in one call)."""
     at_once = min(tasks_at_once, meta_batch_size)
     if at_once < 2:
+        return None
+    if episodes_per_call is None or episodes_per_call >= meta_batch_size:
+        log.warning("tasks_at_once=%d has nothing to run at once: the algorithm computes a meta-batch in one call "
+                    "(algo.batch_tasks, or an algorithm that always does); the tasks are computed together instead", tasks_at_once)
         return None
     if device.type == "cuda":
         log.warning("tasks_at_once=%d on CUDA: the tasks share one stream, so this is unlikely to help (not measured on a GPU)", at_once)
@@ -287,7 +293,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress and ranks.main,
         scheduler=scheduler, grad_clip=algorithm.grad_clip, patience=cfg.patience, score_every=cfg.score_every,
-        threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device),
+        threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device, algorithm.episodes_per_call),
         resume_hint=f"maml-train {resume_override(run_dir)}", ranks=ranks, class_split=class_split,
     )
     metric = tasks.kind.metric
@@ -419,7 +425,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return train(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_overrides(hydra_cfg))
+        with out_of_memory_explained():
+            return train(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_overrides(hydra_cfg))
     except UserError as err:
         remove_if_nothing_trained(run_dir, resumed=bool(cfg.resume))
         if _user_wants_tracebacks:

@@ -26,7 +26,7 @@ HEAD = "head."
 class ANILConfig(InnerLoopConfig):
     _target_: str = "maml_cli.algorithms.anil.ANIL"
     first_order: bool = False
-    batch_tasks: Optional[bool] = None  # None: on a GPU (build.default_batch_tasks)
+    batch_tasks: Optional[bool] = None  # None: on CUDA (build.default_batch_tasks)
 
 
 def split_head(params: Params) -> tuple[Params, Params]:
@@ -56,6 +56,7 @@ class ANIL(TaskByTaskInnerLoop):
         inner_steps: inner steps during meta-training.
         test_inner_steps: inner steps at meta-validation and meta-test (metrics after the scored ones).
         first_order: drop the second-order terms of the meta-gradient.
+        batch_tasks, tasks_per_call: compute the tasks of a call together (see :class:`TaskByTaskInnerLoop`).
 
     Example:
         >>> anil = ANIL(inner_lr=0.4, inner_steps=1, test_inner_steps=3)

@@ -33,8 +33,9 @@ class _AlgorithmCommon(Protocol):
             and ``evaluate`` receive at once. ``None``: as many as there are (the loops cap
             evaluation chunks), for algorithms that compute a stack of episodes in one pass; ``1``:
             one at a time, for algorithms whose per-task path is fastest or whose network must
-            see one episode per call (MAML's inner loop differentiates each task's own graph, and
-            conv4 with batch statistics normalises over the whole batch it is given).
+            see one episode per call (conv4 with batch statistics normalises over the whole batch
+            it is given); another number: at most that many (MAML's family with ``batch_tasks``:
+            a meta-batch, its tasks under ``vmap``).
         per_example_network: True when the algorithm puts several examples of one task through the
             network in one call and needs each example's output to depend on that example alone
             (the LSTM embeds a whole sequence at once; with batch statistics a later image would

@@ -232,13 +232,13 @@ def predictor(forward: Forward, params: Params) -> Predictor:
 
 
 class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
-    """What MAML, ANIL, Meta-SGD and MAML++ share: a classifier, an inner loop run one task at a time (each task's
-    inner loop differentiates its own graph; one task per call lets the loop free it at once, and conv4 with batch
-    statistics normalises the support and the query set each on its own), the run's episode shape, and the
-    per-task ``task_loss`` and ``adaptations`` each of them writes.
+    """What MAML, ANIL, Meta-SGD and MAML++ share: a classifier, an inner loop whose mathematics is per task (each
+    task's inner loop differentiates its own graph, and conv4 with batch statistics normalises the support and the
+    query set each on its own), the run's episode shape, and the per-task ``task_loss`` and ``adaptations`` each of
+    them writes. By default the tasks are computed one per call, which lets the loop free each task's graph at once.
 
     With ``batch_tasks`` the same ``task_loss`` and ``adaptations`` run once for the whole stack of episodes a call
-    receives: the parameters repeated per task (:func:`stacked_for_tasks`), the network evaluated per task under
+    receives (up to ``tasks_per_call``): the parameters repeated per task (:func:`stacked_for_tasks`), the network evaluated per task under
     ``vmap`` (:func:`over_tasks`), the objective giving one loss per task. The mathematics is the task-by-task
     path's (tests compare the two in float64); what changes is the number of kernels, which is what a step costs on
     a GPU. An algorithm whose ``task_loss`` indexes or reduces across what would become the task dimension (MAML++'s
@@ -249,8 +249,11 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
         inner_steps: inner steps during meta-training.
         test_inner_steps: inner steps at meta-validation and meta-test; metrics are reported after the scored ones.
         first_order: drop the second-order terms of the meta-gradient.
-        batch_tasks: compute every episode of a call together (the whole meta-batch at meta-training, stacks of
-            evaluation episodes at evaluation) instead of one task after another.
+        batch_tasks: compute the episodes of a call together instead of one task after another.
+        tasks_per_call: with ``batch_tasks``, the most episodes a call receives (the loops hand a meta-batch, or a
+            rank's share of it, at meta-training, and stacks of this many at evaluation); ``None``: any number (the
+            loops' own evaluation stacks). The build passes the run's ``meta_batch_size``, so that evaluation, whose
+            tasks each hold less than a training task, never holds more tasks at once than a training step.
     """
 
     network = "classifier"
@@ -258,13 +261,13 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
     outer = "loss"
 
     def __init__(self, inner_lr: float, inner_steps: int, test_inner_steps: int, first_order: bool = False,
-                 batch_tasks: bool = False) -> None:
+                 batch_tasks: bool = False, tasks_per_call: Optional[int] = None) -> None:
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.test_inner_steps = test_inner_steps
         self.first_order = first_order
         self.batch_tasks = batch_tasks
-        self.episodes_per_call: Optional[int] = None if batch_tasks else 1
+        self.episodes_per_call: Optional[int] = tasks_per_call if batch_tasks else 1
 
     def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
         """Trained and scored on the run's own episode shape (the head has ``way`` outputs)."""

@@ -24,7 +24,7 @@ __all__ = ["MAML", "MAMLConfig", "adapt"]
 class MAMLConfig(InnerLoopConfig):
     _target_: str = "maml_cli.algorithms.maml.MAML"
     first_order: bool = False
-    batch_tasks: Optional[bool] = None  # None: on a GPU (build.default_batch_tasks)
+    batch_tasks: Optional[bool] = None  # None: on CUDA (build.default_batch_tasks)
 
 
 class MAML(TaskByTaskInnerLoop):
@@ -36,6 +36,7 @@ class MAML(TaskByTaskInnerLoop):
         test_inner_steps: inner steps at meta-validation and meta-test; :meth:`evaluate` reports metrics after
             those of 0, 1, ..., ``test_inner_steps`` its ``score_every`` selects.
         first_order: drop the second-order terms of the meta-gradient (FOMAML).
+        batch_tasks, tasks_per_call: compute the tasks of a call together (see :class:`TaskByTaskInnerLoop`).
 
     Example:
         >>> maml = MAML(inner_lr=0.4, inner_steps=1, test_inner_steps=3)

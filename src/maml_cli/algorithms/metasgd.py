@@ -25,7 +25,7 @@ RATES = "inner_lrs"
 class MetaSGDConfig(InnerLoopConfig):
     _target_: str = "maml_cli.algorithms.metasgd.MetaSGD"
     first_order: bool = False
-    batch_tasks: Optional[bool] = None  # None: on a GPU (build.default_batch_tasks)
+    batch_tasks: Optional[bool] = None  # None: on CUDA (build.default_batch_tasks)
 
 
 class MetaSGD(TaskByTaskInnerLoop):
@@ -38,6 +38,7 @@ class MetaSGD(TaskByTaskInnerLoop):
         test_inner_steps: inner steps at meta-validation and meta-test, with the learned rates.
         first_order: treat the inner gradients as constants; the rates still get their gradient,
             through ``alpha * grad``.
+        batch_tasks, tasks_per_call: compute the tasks of a call together (see :class:`TaskByTaskInnerLoop`).
 
     Example:
         >>> metasgd = MetaSGD(inner_lr=0.4, inner_steps=1, test_inner_steps=3)
