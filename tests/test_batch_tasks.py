@@ -89,7 +89,8 @@ def test_running_out_of_gpu_memory_is_one_line_naming_batch_tasks(tmp_path, monk
         result = run_in_process("maml-eval", [f"checkpoint={tmp_path / 'last.pt'}"], cwd=tmp_path, check=False)
         code, err = result.returncode, result.stderr
     assert code == 2 and err.startswith(f"{entry_point}: error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
-    assert "algo.batch_tasks=false" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    typed = "algo.batch_tasks=false" if entry_point == "maml-train" else "batch_tasks=false"
+    assert f" {typed} computes one task at a time" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("name", BATCHABLE)
@@ -155,3 +156,19 @@ def test_a_batched_run_takes_the_same_steps_as_the_task_by_task_run():
 def test_batch_tasks_for_mamlpp_is_refused_as_a_key_it_does_not_have(tmp_path):
     code, err = run_main_in_process(tmp_path, "algo=mamlpp", "dataset=sinusoid", "algo.batch_tasks=true")
     assert code == 2 and "algo.batch_tasks" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_maml_eval_scores_the_same_with_and_without_batch_tasks_and_refuses_it_for_mamlpp(tmp_path):
+    run_in_process("maml-train", ["dataset=sinusoid", "iterations=2", "val_every=2", "val_tasks=4", "test_tasks=6",
+                                  "progress=false", f"hydra.run.dir={tmp_path / 'maml'}"], cwd=tmp_path)
+    tables = {}
+    for batch_tasks in ("false", "true"):
+        result = run_in_process("maml-eval", [f"checkpoint={tmp_path / 'maml'}", f"batch_tasks={batch_tasks}", "progress=false"], cwd=tmp_path)
+        tables[batch_tasks] = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
+    assert len(tables["true"]) == 4
+    for batched, one_by_one in zip(tables["true"], tables["false"]):
+        assert [float(v) for v in batched] == pytest.approx([float(v) for v in one_by_one], rel=1e-4)
+    run_in_process("maml-train", ["dataset=sinusoid", "algo=mamlpp", "iterations=1", "val_every=1", "val_tasks=2", "test_tasks=2",
+                                  "progress=false", f"hydra.run.dir={tmp_path / 'mamlpp'}"], cwd=tmp_path)
+    refused = run_in_process("maml-eval", [f"checkpoint={tmp_path / 'mamlpp'}", "batch_tasks=true"], cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "batch_tasks does not apply to MAMLPlusPlus" in refused.stderr, refused.stderr

@@ -277,12 +277,17 @@ def build_algorithm(cfg: DictConfig, device: torch.device | None = None) -> Algo
     key existed) it is settled for ``device`` (:func:`default_batch_tasks`), and the tasks computed together are
     capped at ``meta_batch_size`` (evaluation then holds no more tasks at once than a training step does).
     """
-    entry = registered_by_target(cfg.algo._target_)
-    if entry is None or "batch_tasks" not in {field.name for field in dataclasses.fields(entry.schema)}:
+    if not offers_batch_tasks(cfg):
         return _instantiate(cfg.algo, "algorithm")
     chosen = cfg.algo.get("batch_tasks")
     return _instantiate(cfg.algo, "algorithm", batch_tasks=default_batch_tasks(device) if chosen is None else bool(chosen),
                         tasks_per_call=cfg.meta_batch_size)
+
+
+def offers_batch_tasks(cfg: DictConfig) -> bool:
+    """Whether the algorithm of ``cfg.algo`` has ``batch_tasks`` in its schema (its saved config may predate the key)."""
+    entry = registered_by_target(cfg.algo._target_)
+    return entry is not None and "batch_tasks" in {field.name for field in dataclasses.fields(entry.schema)}
 
 
 def default_batch_tasks(device: torch.device | None) -> bool:

@@ -24,13 +24,14 @@ class EpisodeError(UserError, ValueError):
 
 
 @contextmanager
-def out_of_memory_explained() -> Iterator[None]:
-    """A GPU's out-of-memory error inside, as a :class:`UserError` that says what holds memory and what to change."""
+def out_of_memory_explained(batch_tasks_key: str) -> Iterator[None]:
+    """A GPU's out-of-memory error inside, as a :class:`UserError` that says what holds memory and what to change
+    (``batch_tasks_key``: how the command sets ``algo.batch_tasks``)."""
     try:
         yield
     except torch.cuda.OutOfMemoryError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
         raise UserError(f"the GPU ran out of memory ({first_line}). With algo.batch_tasks (on by default on CUDA for MAML, "
                         f"ANIL and Meta-SGD) every task of a meta-batch, and of an evaluation stack of meta_batch_size "
-                        f"episodes, is held at once: algo.batch_tasks=false computes one task at a time; a smaller "
+                        f"episodes, is held at once: {batch_tasks_key}=false computes one task at a time; a smaller "
                         f"meta_batch_size, model or image size also needs less.") from err

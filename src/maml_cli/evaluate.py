@@ -44,7 +44,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, resolve_device, seed_problem
+from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, offers_batch_tasks, resolve_device, seed_problem
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.data.task_folders import TaskFiles, read_task_folders
@@ -82,6 +82,7 @@ class EvalConfig:
     keep_freed_memory: bool = True  # glibc: reuse freed memory instead of returning it to the OS each step (maml_cli.allocator)
     progress: bool = True  # show the tqdm bar (false for a log file, as maml-train's progress=false)
     data_root: Optional[str] = None  # default: the run's data root
+    batch_tasks: Optional[bool] = None  # default: the run's algo.batch_tasks (null: on CUDA); MAML, ANIL, Meta-SGD
     dataset: EvalDataset = field(default_factory=EvalDataset)
     output: Optional[str] = None  # the JSON file to write (refused if it exists); default: a name beside the checkpoint
     episodes: Optional[str] = None  # a folder of tasks given as image files, scored instead of sampled episodes
@@ -132,6 +133,11 @@ def run_eval(args: EvalConfig) -> dict:
         for key in ("test_inner_steps", "score_every"):
             if getattr(args, key) is not None:
                 raise UserError(f"{key} does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; leave it out.")
+    if args.batch_tasks is not None:
+        if not offers_batch_tasks(cfg):
+            raise UserError(f"batch_tasks does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which does not compute tasks "
+                            f"together (MAML, ANIL and Meta-SGD do); leave it out.")
+        cfg.algo.batch_tasks = args.batch_tasks
     if (problem := seed_problem("eval_seed", int(cfg.eval_seed))) is not None:
         raise UserError(problem)
     score_every = int(cfg.get("score_every", 1))
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.output:
             check_output(Path(args.output), bool(args.episodes))
         predictions = None
-        with out_of_memory_explained():
+        with out_of_memory_explained("batch_tasks"):
             if args.episodes:
                 report, predictions = run_episodes(args)
             else:

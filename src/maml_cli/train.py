@@ -425,7 +425,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        with out_of_memory_explained():
+        with out_of_memory_explained("algo.batch_tasks"):
             return train(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_overrides(hydra_cfg))
     except UserError as err:
         remove_if_nothing_trained(run_dir, resumed=bool(cfg.resume))
