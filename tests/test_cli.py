@@ -52,7 +52,7 @@ def test_maml_eval_lists_its_own_keys_and_refuses_to_change_the_dataset():
     from maml_cli.evaluate import parse_args
     with pytest.raises(UserError) as unknown:
         parse_args(["checkpoint=x", "foo=1"])
-    assert "Keys: checkpoint, data_root, dataset, device," in str(unknown.value) and "experiment" not in str(unknown.value)
+    assert "Keys: batch_tasks, checkpoint, data_root, dataset, device," in str(unknown.value) and "experiment" not in str(unknown.value)
     with pytest.raises(UserError, match="unknown key datset. Did you mean dataset"):
         parse_args(["checkpoint=x", "datset=1"])
     with pytest.raises(UserError, match="dataset= cannot change it"):
