@@ -294,9 +294,9 @@ def default_batch_tasks(device: torch.device | None) -> bool:
     """Whether the tasks of a meta-batch are computed together when ``algo.batch_tasks`` is null: on a GPU.
 
     A second-order MAML step of a meta-batch computed task by task is thousands of small kernels on a GPU, so the
-    step is launch-bound; under ``vmap`` over the tasks it is a few hundred larger ones, about 8-15x faster on an H100
-    (docs/performance.md). On a CPU the batched path is slower and takes several times the memory, so it stays off
-    there (and when no device is given).
+    step is launch-bound; under ``vmap`` over the tasks it is a few hundred larger ones, several times faster
+    (docs/performance.md). On a CPU the batched path is slower and takes several times the memory (the same page), so
+    it stays off there (and when no device is given).
     """
     return device is not None and device.type == "cuda"
 

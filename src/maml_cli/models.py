@@ -70,14 +70,10 @@ def in_differentiated_twice() -> bool:
     return bool(differentiated_twice)
 
 
-def in_batched_over_tasks() -> bool:
-    return bool(batched_over_tasks)
-
-
 def computes_channels_last(channels_last: bool) -> bool:
     """Whether a network built with ``channels_last`` computes the current pass channels-last: not in passes marked
     :func:`differentiated_twice` (slower there), nor under ``vmap`` over tasks (which has no memory formats)."""
-    return channels_last and not in_differentiated_twice() and not in_batched_over_tasks()
+    return channels_last and not differentiated_twice and not batched_over_tasks
 
 
 # Which part of a classifier to run: all of it, the body (features), or the head on given features (ANIL's inner loop).
@@ -128,7 +124,7 @@ class BatchStatNorm(nn.Module):
             # One value per channel is its own mean: it normalises to zero (F.batch_norm refuses it).
             shape = [1, -1] + [1] * (x.dim() - 2)
             return (x - x) * self.weight.view(shape) + self.bias.view(shape)
-        if in_batched_over_tasks():
+        if batched_over_tasks:
             dims = [0, *range(2, x.dim())]
             mean = x.mean(dim=dims, keepdim=True)
             centred = x - mean

@@ -290,7 +290,7 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
     def meta_loss(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective) -> tuple[Tensor, Metrics]:
         """:meth:`task_loss` of each episode (of all of them at once with ``batch_tasks``)."""
         if self.batch_tasks:
-            return self.task_loss(over_tasks(forward), stacked_for_tasks(params, len(episodes)), as_one_stack(episodes), objective)
+            return self.task_loss(*as_one_task(forward, params, episodes), objective)
         return each_episode(self.task_loss, forward, params, episodes, objective)
 
     def evaluate(self, forward: Forward, params: Params, episodes: EpisodeBatch, objective: Objective,
@@ -298,12 +298,13 @@ class TaskByTaskInnerLoop(AlgorithmDefaults, abc.ABC):
         """Query metrics of each episode after the scored inner steps (:meth:`task_evaluate`; all episodes at once with
         ``batch_tasks``)."""
         if self.batch_tasks:
-            return self.task_evaluate(over_tasks(forward), stacked_for_tasks(params, len(episodes)), as_one_stack(episodes), objective,
-                                      score_every)
+            return self.task_evaluate(*as_one_task(forward, params, episodes), objective, score_every)
         return each_episode_by_step(self.task_evaluate, forward, params, episodes, objective, score_every)
 
 
-def as_one_stack(episodes: EpisodeBatch) -> Episode:
-    """A stack of episodes in the form a per-task method takes: every tensor keeps its leading task dimension, which
-    :func:`over_tasks` and the objective (one value per task) carry through."""
-    return Episode(episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
+def as_one_task(forward: Forward, params: Params, episodes: EpisodeBatch) -> tuple[Forward, Params, Episode]:
+    """A stack of episodes as the arguments of a per-task method (``task_loss``, ``task_evaluate``): the network under
+    :func:`over_tasks`, the parameters repeated per task, and the episodes' tensors with their leading task dimension,
+    which the objective (one value per task) carries through."""
+    return over_tasks(forward), stacked_for_tasks(params, len(episodes)), Episode(episodes.support_x, episodes.support_y,
+                                                                                  episodes.query_x, episodes.query_y)
