@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from maml_cli.algorithms.registry import registered_algorithms
 from maml_cli.build import build_algorithm, build_model, build_optimizer, build_samplers, build_tasks, validate
 from maml_cli.loop import accumulate_meta_gradient, functional_forward
-from maml_cli.models import Conv4
+from maml_cli.models import MLP, Conv4, ResNet12
 from maml_cli.tasks import Episode, EpisodeBatch, classification_objective
 from maml_cli.train import task_threads
 from conftest import run_in_process
@@ -33,9 +33,17 @@ def algorithm(name, batch_tasks, first_order=False, steps=2):
                                       batch_tasks=batch_tasks)
 
 
-def network(name, batch_norm, channels_last=False):
+BACKBONES = {
+    "conv4": lambda batch_norm, channels_last: Conv4(1, WAY, hidden=4, image_size=16, batch_norm=batch_norm, channels_last=channels_last),
+    "resnet12": lambda batch_norm, channels_last: ResNet12(1, WAY, hidden=(2, 3, 3, 4), image_size=16, batch_norm=batch_norm,
+                                                           channels_last=channels_last),
+    "mlp": lambda batch_norm, channels_last: MLP(out_features=WAY, hidden=(8, 6), in_channels=1, image_size=16),
+}
+
+
+def network(name, batch_norm, channels_last=False, backbone="conv4"):
     torch.manual_seed(0)
-    model = algorithm(name, False).attach(Conv4(1, WAY, hidden=4, image_size=16, batch_norm=batch_norm, channels_last=channels_last))
+    model = algorithm(name, False).attach(BACKBONES[backbone](batch_norm, channels_last))
     with torch.no_grad():  # learned rates that differ by element (Meta-SGD), as after some meta-training
         for n, p in model.named_parameters():
             if n.startswith("inner_lrs."):
@@ -97,10 +105,21 @@ def test_running_out_of_gpu_memory_is_one_line_naming_batch_tasks(tmp_path, monk
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("batch_norm,channels_last", [("batch", False), ("batch", True), ("example", False)])
 def test_the_batched_meta_gradient_and_metrics_equal_the_task_by_task_ones_in_float64(name, first_order, batch_norm, channels_last):
+    assert_batched_equals_task_by_task(name, first_order, batch_norm, channels_last, "conv4")
+
+
+@pytest.mark.parametrize("name", BATCHABLE)
+@pytest.mark.parametrize("backbone,batch_norm", [("resnet12", "batch"), ("resnet12", "example"), ("mlp", None)])
+def test_the_other_backbones_give_the_task_by_task_meta_gradient_batched_in_float64(name, backbone, batch_norm):
+    # Second order: ResNet-12's shortcut and leaky ReLU, and the MLP's flattened images, under vmap.
+    assert_batched_equals_task_by_task(name, False, batch_norm, False, backbone)
+
+
+def assert_batched_equals_task_by_task(name, first_order, batch_norm, channels_last, backbone):
     tasks = episodes()
     results = {}
     for batch_tasks in (False, True):
-        model = network(name, batch_norm, channels_last)
+        model = network(name, batch_norm, channels_last, backbone)
         metrics = accumulate_meta_gradient(algorithm(name, batch_tasks, first_order), model, tasks, classification_objective)
         results[batch_tasks] = metrics, {n: p.grad for n, p in model.named_parameters()}
     (loop_metrics, loop_grads), (batched_metrics, batched_grads) = results[False], results[True]
@@ -172,3 +191,17 @@ def test_maml_eval_scores_the_same_with_and_without_batch_tasks_and_refuses_it_f
                                   "progress=false", f"hydra.run.dir={tmp_path / 'mamlpp'}"], cwd=tmp_path)
     refused = run_in_process("maml-eval", [f"checkpoint={tmp_path / 'mamlpp'}", "batch_tasks=true"], cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "batch_tasks does not apply to MAMLPlusPlus" in refused.stderr, refused.stderr
+
+
+def test_the_log_says_whether_the_tasks_were_computed_together_as_settled_for_the_device(tmp_path):
+    # config.yaml keeps null (so a resume on a GPU settles it afresh); the log says what the run did.
+    tiny = ["dataset=sinusoid", "iterations=2", "meta_batch_size=2", "val_every=2", "val_tasks=2", "test_tasks=2", "progress=false"]
+    run = run_in_process("maml-train", [*tiny, "algo=maml"], cwd=tmp_path)
+    assert "algo.batch_tasks=false (null, settled for cpu): each task is computed on its own" in run.stdout + run.stderr
+    run_dir = next(tmp_path.glob("outputs/runs/*"))
+    assert OmegaConf.load(run_dir / "config.yaml").algo.batch_tasks is None
+    resumed = run_in_process("maml-train", [f"resume={run_dir}", "iterations=4", "algo.batch_tasks=true"], cwd=tmp_path)
+    assert "algo.batch_tasks=true: the tasks of a meta-batch are computed together" in resumed.stdout + resumed.stderr
+    (tmp_path / "reptile").mkdir()
+    other = run_in_process("maml-train", [*tiny, "algo=reptile"], cwd=tmp_path / "reptile")
+    assert "algo.batch_tasks" not in other.stdout + other.stderr

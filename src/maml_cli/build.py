@@ -277,11 +277,19 @@ def build_algorithm(cfg: DictConfig, device: torch.device | None = None) -> Algo
     key existed) it is settled for ``device`` (:func:`default_batch_tasks`), and the tasks computed together are
     capped at ``meta_batch_size`` (evaluation then holds no more tasks at once than a training step does).
     """
-    if not offers_batch_tasks(cfg):
+    batch_tasks = batch_tasks_in_use(cfg, device)
+    if batch_tasks is None:
         return _instantiate(cfg.algo, "algorithm")
+    return _instantiate(cfg.algo, "algorithm", batch_tasks=batch_tasks, tasks_per_call=cfg.meta_batch_size)
+
+
+def batch_tasks_in_use(cfg: DictConfig, device: torch.device | None) -> bool | None:
+    """``algo.batch_tasks`` as it applies on ``device`` (null settled by :func:`default_batch_tasks`), or None for an
+    algorithm without the key."""
+    if not offers_batch_tasks(cfg):
+        return None
     chosen = cfg.algo.get("batch_tasks")
-    return _instantiate(cfg.algo, "algorithm", batch_tasks=default_batch_tasks(device) if chosen is None else bool(chosen),
-                        tasks_per_call=cfg.meta_batch_size)
+    return default_batch_tasks(device) if chosen is None else bool(chosen)
 
 
 def offers_batch_tasks(cfg: DictConfig) -> bool:

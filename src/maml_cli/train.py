@@ -36,7 +36,7 @@ from maml_cli import config as config_module
 from maml_cli import distributed
 from maml_cli.algorithms.base import Algorithm
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
-                            algorithm_name, check_inner_loop_overrides, check_one_schedule, dataset_name, flatten, hparams, resolve_device, resume_config, settle_model_choices,
+                            algorithm_name, batch_tasks_in_use, check_inner_loop_overrides, check_one_schedule, dataset_name, flatten, hparams, resolve_device, resume_config, settle_model_choices,
                             typed_keys, unflatten, validate, without_own_settings)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import TaskFamily, class_split_changes, class_split_record
@@ -332,6 +332,11 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
     log.info("run directory: %s", run_dir)
     log.info("dataset split: %s %s; device: %s; %d parameters", tasks.split_name,
              tasks.describe(), device, sum(p.numel() for p in model.parameters()))
+    if (batch_tasks := batch_tasks_in_use(cfg, device)) is not None:
+        # The config records what was typed (null: settled per device, also on a resume elsewhere); the log, what ran.
+        log.info("algo.batch_tasks=%s%s: %s", str(batch_tasks).lower(),
+                 f" (null, settled for {device.type})" if cfg.algo.get("batch_tasks") is None else "",
+                 "the tasks of a meta-batch are computed together" if batch_tasks else "each task is computed on its own")
     try:
         with console_quiet(PROGRESS_LOGGER if cfg.progress else None):
             if not trainer.train():
