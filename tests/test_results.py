@@ -184,6 +184,11 @@ def test_a_resumed_runs_event_files_merge_as_tensorboard_merges_them(tmp_path):
     for step in range(1, 11):
         first.add_scalar("train/loss", float(step), step)
     first.close()
+    # Dated a second earlier, as a resumed run's first file always is: written in the same second by one process, the
+    # two names would be ordered by torch's per-process file counter, where "...10.resumed" sorts before "...9".
+    (first_file,) = tmp_path.glob("events.out.tfevents.*")
+    stamp = first_file.name.split(".")[3]
+    first_file.rename(tmp_path / first_file.name.replace(f".{stamp}.", f".{int(stamp) - 1:010d}.", 1))
     # A resumed process: steps from 6 on were logged past the last checkpoint and are superseded.
     second = SummaryWriter(log_dir=str(tmp_path), purge_step=6, filename_suffix=".resumed")
     for step in range(6, 13):
