@@ -446,6 +446,25 @@ def test_maml_eval_notes_episodes_shaped_otherwise_than_training_for_a_network_w
             if noted:
                 assert ("it trained on 3-way 1-shot with 2 queries per class, these are 3-way 1-shot with 1 query per class"
                         in table)
+        # Non-transductive: each query normalised with the 3 support images alone, on the same episodes; refused where the
+        # queries never meet (it would score the same), and with batch_tasks, which computes the episodes together.
+        args = [f"checkpoint={run}", "test_tasks=3", "progress=false", "transductive=false"]
+        if norm == "example":
+            with pytest.raises(SystemExit) as exit_info:
+                evaluate.main(args)
+            assert exit_info.value.code == 2 and "Leave transductive out" in capsys.readouterr().err
+            continue
+        evaluate.main(args)
+        table = capsys.readouterr().out
+        written = Path(next(line for line in table.splitlines() if line.startswith("written: ")).split(": ", 1)[1])
+        report = json.loads(written.read_text())
+        assert written.name.endswith("_3tasks_seed0_2steps_nontransductive.json") and report["transductive"] is False
+        assert "non-transductive: each query in one batch with the support set alone" in table.splitlines()[0]
+        assert ("here each query is normalised in one batch with the 3 support images and no other query, while in training the "
+                "queries of an episode (3-way 1-shot with 2 queries per class) were normalised together") in table
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(args + ["batch_tasks=true"])
+        assert exit_info.value.code == 2 and "leave batch_tasks out" in capsys.readouterr().err
 
 
 def test_impossible_episode_is_an_error_before_training_naming_the_numbers(tmp_path, small_omniglot):

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 import maml_cli
 from conftest import run_in_process
 from maml_cli import evaluate
+from maml_cli.algorithms.base import evaluate_one_query_at_a_time, one_query_at_a_time
 from maml_cli.build import build_tasks
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.errors import UserError
@@ -82,6 +83,33 @@ def test_an_episode_given_as_image_files_scores_exactly_as_the_same_episode_give
     assert [task["accuracy_by_inner_step"] for task in report["per_task"]] == reference
     assert report["tasks"] == 2 and report["by_inner_step"][-1]["mean"] == pytest.approx(sum(r[-1] for r in reference) / 2)
     assert written[0].name.startswith("eval_last_episodes-episodes") and written[1].suffix == ".csv"
+
+
+def test_an_episodes_folder_scored_non_transductively_scores_as_the_same_episodes_given_as_tensors(trained, tmp_path, capsys):
+    run, tasks = trained
+    episodes = tmp_path / "episodes"
+    learner = maml_cli.load(run / "last.pt")
+    reference, scores_by_mode = [], []
+    for t, characters in enumerate(([0, 1, 2], [3, 4, 5])):
+        episode, _ = write_task(episodes / f"task{t}", tasks, characters)
+        forward, params = functional_forward(learner.model), dict(learner.model.named_parameters())
+        by_step = evaluate_one_query_at_a_time(learner.algorithm, forward, params, EpisodeBatch.stack([episode]), tasks.kind.objective)
+        reference.append([float(step["accuracy"][0]) for step in by_step.values()])
+        *_, predict = learner.algorithm.adaptations(forward, params, episode.support_x, episode.support_y, tasks.kind.objective)
+        scores_by_mode.append((predict(episode.query_x),
+                                    one_query_at_a_time(predict, episode.support_x, learner.algorithm.queries_with_support)(episode.query_x)))
+    evaluate.main([f"checkpoint={run / 'last.pt'}", f"episodes={episodes}", "transductive=false"])
+    out = capsys.readouterr().out
+    written = [Path(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith("written: ")]
+    report = json.loads(written[0].read_text())
+    assert [task["accuracy_by_inner_step"] for task in report["per_task"]] == reference and report["transductive"] is False
+    assert written[0].name.endswith("_nontransductive.json") and "non-transductive" in out.splitlines()[0]
+    # The CSV's probabilities are the non-transductive predictions, not those of the queries normalised together.
+    rows = list(csv.DictReader(written[1].open()))
+    first_task = [float(r["probability"]) for r in rows if r["task"] == "task0"]
+    assert len(first_task) == WAY * QUERY
+    together, alone = (scores.softmax(dim=-1).max(dim=-1).values.tolist() for scores in scores_by_mode[0])
+    assert first_task == pytest.approx(alone, abs=1e-6) and first_task != pytest.approx(together, abs=1e-6)
 
 
 def refuse_non_numbers(constant: str) -> float:

@@ -142,9 +142,16 @@ def test_eval_takes_the_newest_matching_maml_eval_file(tree, tmp_path, capsys):
     expected = json.loads(report.read_text())["by_inner_step"][-1]
     rows = as_json(capsys, *runs, "--eval", "eval_best_*")["runs"]
     assert rows[0]["test"] == {"mean": expected["mean"], "ci95": expected["ci95"]}
-    assert rows[0]["test_on"] == {"tasks": 3, "way": 3, "shot": 1, "query": 1, "eval_file": report.name}
+    assert rows[0]["test_on"] == {"tasks": 3, "way": 3, "shot": 1, "query": 1, "eval_file": report.name, "transductive": True}
     assert rows[1]["test"]["mean"] is None and rows[1]["test_on"] is None  # no file of its own: no number
     assert "3 tasks, 3w1s 1q (maml-eval)" in maml_results(capsys, *runs, "--eval", "eval_best_*")
+    # A newer non-transductive evaluation is the one taken, and the table says how its queries were scored.
+    run_in_process("maml-eval", [f"checkpoint={runs[0]}", "test_tasks=3", "query=1", "transductive=false"], cwd=tmp_path)
+    (other,) = runs[0].glob("eval_best_test_3w1s_1q_3tasks_seed0_2steps_nontransductive.json")
+    rows = as_json(capsys, *runs, "--eval", "eval_best_*")["runs"]
+    assert rows[0]["test_on"] == {"tasks": 3, "way": 3, "shot": 1, "query": 1, "eval_file": other.name, "transductive": False}
+    assert rows[0]["test"]["mean"] == json.loads(other.read_text())["by_inner_step"][-1]["mean"]
+    assert "3 tasks, 3w1s 1q, non-transductive (maml-eval)" in maml_results(capsys, *runs, "--eval", "eval_best_*")
 
 
 def test_curves_prints_a_runs_validation_and_test_tables(tree, capsys):

@@ -8,6 +8,7 @@ Usage::
               [dataset.split_dir=DIR]                   # where the split's class lists are now, if they moved
               [dataset.root=DIR] [dataset.store_dir=DIR]  # dataset=folder's images, the decoded images, if they moved
               [output=FILE]                             # where to write the JSON (default: a name recording the settings)
+              [transductive=false]                      # each query normalised with the support set alone (below)
     maml-eval checkpoint=... episodes=<folder> [test_inner_steps=N]   # tasks given as image files (below)
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
@@ -20,6 +21,12 @@ evaluation's), or to output=. ``way`` may differ from the
 run's only for algorithms whose network has no fixed number of outputs
 (ProtoNet: a model trained on 60-way episodes scores 5-way and 20-way ones). The report says whether the scored
 split's classes are those the run's checkpoint records (``classes``), with a printed note when they are not.
+
+With ``transductive=false`` (for a network with batch statistics, conv4's and ResNet-12's default) each query is put
+through the network in one batch with its task's support set and no other query, and scored by that batch's last row
+(the non-transductive setting of Nichol et al. 2018): its score then depends on the support set and itself alone, not
+on how many queries the episode holds. By default the queries of an episode are normalised together, as in training
+and in Finn et al.'s evaluation. The episodes are the same either way; the JSON's name ends in ``_nontransductive``.
 
 With ``episodes=<folder>`` the tasks are image files, one folder per task: ``support/<class>/<images>``
 with ``query/<class>/<images>`` (labelled: accuracy per task and over the tasks, with its CI) or
@@ -44,6 +51,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maml_cli.algorithms.base import one_query_at_a_time
 from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, offers_batch_tasks, resolve_device, seed_problem
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import class_split_changes, class_split_record
@@ -86,6 +94,7 @@ class EvalConfig:
     dataset: EvalDataset = field(default_factory=EvalDataset)
     output: Optional[str] = None  # the JSON file to write (refused if it exists); default: a name beside the checkpoint
     episodes: Optional[str] = None  # a folder of tasks given as image files, scored instead of sampled episodes
+    transductive: bool = True  # false: each query in one batch with its task's support set and no other query
 
 
 # What episodes=<folder> gives itself: the tasks, their shapes and their images.
@@ -133,6 +142,9 @@ def run_eval(args: EvalConfig) -> dict:
         for key in ("test_inner_steps", "score_every"):
             if getattr(args, key) is not None:
                 raise UserError(f"{key} does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; leave it out.")
+    if args.batch_tasks and not args.transductive:
+        raise UserError("batch_tasks=true computes the episodes of a stack together; transductive=false adapts to each task "
+                        "and puts each query through with its support set, one task at a time: leave batch_tasks out.")
     if args.batch_tasks is not None:
         if not offers_batch_tasks(cfg):
             raise UserError(f"batch_tasks does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which does not compute tasks "
@@ -159,12 +171,13 @@ def run_eval(args: EvalConfig) -> dict:
         raise UserError(f"the network in {args.checkpoint} does not fit way={cfg.way}: it was trained with way={trained_way} and "
                         f"algo={cfg.algo._target_.rsplit('.', 1)[-1]} has a fixed number of outputs. Leave way unset or use way={trained_way}.")
     learner = Learner(cfg, state["model"], device, Path(args.checkpoint), state["iteration"])
+    check_transductive(args.transductive, learner)
     tasks = build_tasks(cfg)
     algorithm = learner.algorithm
     way, shot, query = algorithm.episode_shape(args.split, cfg.way, cfg.shot, cfg.query)
     sampler = tasks.sampler(args.split, way, shot, query, device)
     results = evaluate(algorithm, learner.model, sampler, tasks.kind, cfg.test_tasks, cfg.eval_seed, device, progress=args.progress,
-                       description=f"meta-{args.split}", score_every=score_every)
+                       description=f"meta-{args.split}", score_every=score_every, transductive=args.transductive)
     metric = tasks.kind.metric
     presentation = by_presentation(after_last_step(results)).get(metric, {})
     classes = compare_classes(state.get("class_split"), class_split_record(tasks), args.split)
@@ -174,6 +187,7 @@ def run_eval(args: EvalConfig) -> dict:
         "checkpoint": str(args.checkpoint), "iteration": state["iteration"], "split": args.split,
         "dataset_split": tasks.split_name, "metric": metric, "tasks": cfg.test_tasks, "eval_seed": cfg.eval_seed,
         "algo": cfg.algo._target_.rsplit(".", 1)[-1], "way": way, "shot": shot, "query": query, "score_every": score_every,
+        "transductive": args.transductive,
         "by_inner_step": [{"inner_steps": k, "mean": r[metric][0], "ci95": r[metric][1]} for k, r in results.items()],
         "by_presentation": [{"presentation": k, "mean": m, "ci95": c} for k, (m, c) in sorted(presentation.items())],
         "classes": classes,
@@ -181,6 +195,19 @@ def run_eval(args: EvalConfig) -> dict:
         "batch_statistics": bool(learner.model.mixes_examples),
         "trained_episodes": {"way": train_way, "shot": train_shot, "query": train_query},
     }
+
+
+def check_transductive(transductive: bool, learner: Learner) -> None:
+    """Refuse ``transductive=false`` where it would change nothing.
+
+    Raises:
+        UserError: the network gives each example an output of its own, so its queries never meet each other.
+    """
+    if not transductive and not learner.model.mixes_examples:
+        raise UserError(f"transductive=false puts each query through the network with the support set alone, which matters only for "
+                        f"a network that normalises with each batch's statistics (model.batch_norm=batch, conv4's and ResNet-12's "
+                        f"default); this {learner.name} network gives each example an output of its own, so its queries never see "
+                        f"each other and the default scores it the same. Leave transductive out.")
 
 
 def compare_classes(recorded: dict | None, built: dict, split: str) -> str | None:
@@ -206,15 +233,19 @@ class Prediction:
     probability: float
 
 
-def score_task(learner: Learner, task: TaskFiles, root: Path) -> tuple[list[float], list[Prediction]]:
+def score_task(learner: Learner, task: TaskFiles, root: Path, transductive: bool = True) -> tuple[list[float], list[Prediction]]:
     """One task of an episodes folder: its query accuracy after each inner step (empty when its queries are unlabelled)
-    and a prediction per query image, after the last step."""
+    and a prediction per query image, after the last step (with ``transductive`` false, each query predicted in one batch
+    with the support set alone: :func:`~maml_cli.algorithms.base.one_query_at_a_time`)."""
     try:
-        classes, predictors = learner.adaptations([image for image, _ in task.support], [label for _, label in task.support])
+        support_x = learner.preprocess([image for image, _ in task.support])
+        classes, predictors = learner.adaptations(support_x, [label for _, label in task.support])
         query_x = learner.preprocess([image for image, _ in task.query])
     except UserError as err:
         raise UserError(f"task {root / task.name}: {err}") from err
-    if len(query_x) == 1 and learner.queries_normalised_together:
+    if not transductive:
+        predictors = (one_query_at_a_time(predict, support_x, learner.algorithm.queries_with_support) for predict in predictors)
+    elif len(query_x) == 1 and learner.queries_normalised_together:
         log.warning("task %s has a single query: with batch statistics it is normalised on its own, unlike the queries of "
                     "training episodes, and its score may differ from what it gets among other queries", task.name)
     labels = [label for _, label in task.query]
@@ -241,11 +272,12 @@ def run_episodes(args: EvalConfig) -> tuple[dict, list[Prediction]]:
                         f"Use the Python API (maml_cli.load) with tensors.")
     if args.test_inner_steps is not None:
         learner = learner.with_inner_steps(args.test_inner_steps)
+    check_transductive(args.transductive, learner)
     root = Path(args.episodes).expanduser()
     tasks = read_task_folders(root)
     per_task, predictions = [], []
     for task in tasks:
-        accuracies, rows = score_task(learner, task, root)
+        accuracies, rows = score_task(learner, task, root, args.transductive)
         predictions += rows
         per_task.append({"task": task.name, "way": len({c for _, c in task.support}), "support": len(task.support),
                          "query": len(task.query), "labelled": task.labelled,
@@ -255,7 +287,7 @@ def run_episodes(args: EvalConfig) -> tuple[dict, list[Prediction]]:
     report = {
         "checkpoint": args.checkpoint, "iteration": learner.iteration, "episodes": str(root.resolve()), "algo": learner.name,
         "metric": "accuracy", "tasks": len(scored_tasks), "unlabelled_tasks": len(tasks) - len(scored_tasks),
-        "inner_steps": learner.inner_steps,
+        "inner_steps": learner.inner_steps, "transductive": args.transductive,
         "by_inner_step": [{"inner_steps": k, "mean": m, "ci95": c} for k, (m, c) in enumerate(by_step)],
         "per_task": per_task,
     }
@@ -264,7 +296,7 @@ def run_episodes(args: EvalConfig) -> tuple[dict, list[Prediction]]:
 
 def format_episodes_table(report: dict) -> str:
     lines = [f"{report['checkpoint']} (iteration {report['iteration']}, {report['algo']}) on the tasks of {report['episodes']}: "
-             f"{report['tasks']} with labelled queries, {report['unlabelled_tasks']} without"]
+             f"{report['tasks']} with labelled queries, {report['unlabelled_tasks']} without" + non_transductive_text(report)]
     if report["by_inner_step"]:
         lines.append(f"{'inner steps':>11}  {'accuracy':>10}  {'95% CI':>8}")
         lines += [f"{row['inner_steps']:>11}  {row['mean']:>10.4f}  {ci_text(row['ci95']):>8}" for row in report["by_inner_step"]]
@@ -275,7 +307,8 @@ def format_table(report: dict) -> str:
     metric = report["metric"]
     lines = [
         f"{report['checkpoint']} (iteration {report['iteration']}, {report['algo']}): meta-{report['split']} {metric}, "
-        f"{report['way']}-way {report['shot']}-shot, {report['tasks']} tasks, eval_seed={report['eval_seed']}, split={report['dataset_split']}",
+        f"{report['way']}-way {report['shot']}-shot, {report['tasks']} tasks, eval_seed={report['eval_seed']}, split={report['dataset_split']}"
+        + non_transductive_text(report),
         f"{'inner steps':>11}  {metric:>10}  {'95% CI':>8}",
     ]
     if report.get("classes") not in (None, "the run's", "not recorded"):
@@ -291,15 +324,25 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def non_transductive_text(report: dict) -> str:
+    """What a table's first line adds for ``transductive=false``."""
+    return "" if report.get("transductive", True) else "; non-transductive: each query in one batch with the support set alone"
+
+
 def batch_statistics_note(report: dict) -> str | None:
     """The table's note when the network normalises with each batch's own statistics and the scored episodes are shaped
     otherwise than the training episodes: its batches then hold other numbers of examples, and the same model scores
-    differently (docs/results.md measures it for MAML on Omniglot)."""
+    differently (docs/results.md measures it for MAML on Omniglot); with ``transductive=false``, always (each query is
+    normalised with the support set, never with the other queries as in training)."""
     trained = report["trained_episodes"]
-    if not report["batch_statistics"] or all(report[key] == trained[key] for key in trained):
-        return None
     def shape(episodes: dict) -> str:
         return f"{episodes['way']}-way {episodes['shot']}-shot with {episodes['query']} quer{'y' if episodes['query'] == 1 else 'ies'} per class"
+    if report["batch_statistics"] and not report.get("transductive", True):
+        return (f"note: the network normalises each batch with the batch's own statistics; here each query is normalised in one batch with the "
+                f"{report['way'] * report['shot']} support images and no other query, while in training the queries of an episode ({shape(trained)}) "
+                f"were normalised together")
+    if not report["batch_statistics"] or all(report[key] == trained[key] for key in trained):
+        return None
     return (f"note: the network normalises each batch with the batch's own statistics, so its score depends on the episodes' shape "
             f"as well as on the model: it trained on {shape(trained)}, these are {shape(report)}")
 
@@ -354,15 +397,16 @@ def output_exists(output: Path) -> UserError:
 def report_name(report: dict, checkpoint: Path) -> str:
     """``eval_<checkpoint>_<split>_<way>w<shot>s_<query>q_<tasks>tasks_seed<eval_seed>[_<steps>steps[_every<k>]]``, or for tasks
     given as files ``eval_<checkpoint>_episodes-<folder name>[_<steps>steps]``: what an evaluation's numbers depend on,
-    so that evaluations with other settings write other files."""
+    so that evaluations with other settings write other files; ``_nontransductive`` at the end for ``transductive=false``."""
+    mode = "" if report.get("transductive", True) else "_nontransductive"
     if "episodes" in report:
         folder = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(report["episodes"]).name) or "episodes"
         steps = report["inner_steps"]
-        return f"eval_{checkpoint.stem}_episodes-{folder}" + (f"_{steps}steps" if steps else "")
+        return f"eval_{checkpoint.stem}_episodes-{folder}" + (f"_{steps}steps" if steps else "") + mode
     steps = report["by_inner_step"][-1]["inner_steps"]
     every = report.get("score_every", 1)
     return (f"eval_{checkpoint.stem}_{report['split']}_{report['way']}w{report['shot']}s_{report['query']}q_{report['tasks']}tasks"
-            f"_seed{report['eval_seed']}" + (f"_{steps}steps" if steps else "") + (f"_every{every}" if steps and every != 1 else ""))
+            f"_seed{report['eval_seed']}" + (f"_{steps}steps" if steps else "") + (f"_every{every}" if steps and every != 1 else "") + mode)
 
 
 def predictions_csv(predictions: list[Prediction]) -> str:

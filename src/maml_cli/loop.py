@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import re
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from maml_cli.algorithms.base import Algorithm, Forward, Metrics, Params
+from maml_cli.algorithms.base import Algorithm, Forward, Metrics, Params, evaluate_one_query_at_a_time
 from maml_cli.checkpoint import load_checkpoint, save_checkpoint
 from maml_cli.distributed import SINGLE, Ranks
 from maml_cli.errors import UserError
@@ -96,7 +97,7 @@ def batches_of(episodes: list[Episode], per_call: int | None) -> list[EpisodeBat
 
 def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, kind: TaskKind, n_tasks: int, seed: int,
              device: torch.device, progress: bool = False, description: str = "evaluate",
-             ranks: Ranks = SINGLE, score_every: Optional[int] = 1) -> dict[int, dict[str, tuple[float, float]]]:
+             ranks: Ranks = SINGLE, score_every: Optional[int] = 1, transductive: bool = True) -> dict[int, dict[str, tuple[float, float]]]:
     """Score the meta-parameters on ``n_tasks`` episodes drawn from a generator seeded with ``seed``.
 
     The episodes depend only on ``seed`` and the sampler, so every run and every
@@ -109,6 +110,9 @@ def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, ki
             it owns; the scores are gathered in episode order, so the result is the single process's.
         score_every: for an algorithm with an inner loop, score the query set after every ``score_every``-th inner
             step and after the last (:func:`~maml_cli.algorithms.base.scored_steps`); ``None``: after the last only.
+        transductive: the queries of an episode are predicted together (``algorithm.evaluate``; with batch statistics
+            they are normalised together, as in training); False: each query in one batch with the support set alone
+            (:func:`~maml_cli.algorithms.base.evaluate_one_query_at_a_time`), on the same episodes.
 
     Returns:
         By the number of inner steps taken before scoring, in increasing order (0, 1, ..., ``test_inner_steps``
@@ -120,6 +124,7 @@ def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, ki
     forward = functional_forward(model)
     params = dict(model.named_parameters())
     per_call = algorithm.episodes_per_call or EVAL_EPISODES_PER_CALL
+    scores = algorithm.evaluate if transductive else functools.partial(evaluate_one_query_at_a_time, algorithm)
     # Each stack's scores: by scored adaptation step, metric name -> per-episode values.
     scored: dict[int, dict[int, dict[str, list[float]]]] = {}
     with tqdm(total=n_tasks, disable=not progress, dynamic_ncols=True, desc=description, unit="task") as bar:
@@ -128,7 +133,7 @@ def evaluate(algorithm: Algorithm, model: nn.Module, sampler: EpisodeSampler, ki
             if ranks.owns(index):
                 batch = EpisodeBatch.stack([episode.to(device) for episode in episodes])
                 scored[index] = {step: {name: values.tolist() for name, values in metrics.items()}
-                                 for step, metrics in algorithm.evaluate(forward, params, batch, kind.objective, score_every).items()}
+                                 for step, metrics in scores(forward, params, batch, kind.objective, score_every).items()}
             bar.update(len(episodes))
     if ranks.several:
         scored = {index: stack for part in ranks.gather(scored) for index, stack in part.items()}

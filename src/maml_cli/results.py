@@ -95,6 +95,7 @@ class TestEpisodes:
     shot: int | None
     query: int | None
     eval_file: str | None = None
+    transductive: bool = True  # False: each query was scored in one batch with the support set alone (maml-eval transductive=false)
 
 
 @dataclass
@@ -365,7 +366,8 @@ def read_eval_file(path: Path) -> tuple[TestResult, str]:
         report = json.loads(path.read_text())
         by_step = {int(r["inner_steps"]): Estimate(reported(r["mean"]), reported(r["ci95"])) for r in report["by_inner_step"]}
         by_presentation = [Estimate(reported(r["mean"]), reported(r["ci95"])) for r in report.get("by_presentation", [])]
-        episodes = TestEpisodes(report.get("tasks"), report.get("way"), report.get("shot"), report.get("query"), path.name)
+        episodes = TestEpisodes(report.get("tasks"), report.get("way"), report.get("shot"), report.get("query"), path.name,
+                                bool(report.get("transductive", True)))
         return TestResult(by_step[max(by_step)], by_step, by_presentation, episodes), str(report["metric"])
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:  # max() of no steps: ValueError
         raise ValueError(f"{path.name} is not a maml-eval report ({err})") from None
@@ -668,12 +670,13 @@ def wall_time_text(seconds: float | None) -> str:
 
 
 def episodes_text(episodes: TestEpisodes | None, metric: str | None) -> str:
-    """``1,000 tasks, 5w1s 15q (maml-eval)``: what the test metric was computed on."""
+    """``1,000 tasks, 5w1s 15q (maml-eval)``, ``..., non-transductive (maml-eval)``: what the test metric was computed on."""
     if episodes is None:
         return "-"
     shape = f"{episodes.shot}s {episodes.query}q" if metric == "mse" else f"{episodes.way}w{episodes.shot}s {episodes.query}q"
     tasks = f"{episodes.tasks:,} tasks" if isinstance(episodes.tasks, int) else "? tasks"
-    return ", ".join(filter(None, [tasks, shape])) + (" (maml-eval)" if episodes.eval_file else "")
+    mode = "" if episodes.transductive else "non-transductive"
+    return ", ".join(filter(None, [tasks, shape, mode])) + (" (maml-eval)" if episodes.eval_file else "")
 
 
 def table_header(keys: list[str], metrics: set[str | None], by_step: bool, grouped: bool) -> list[str]:

@@ -48,6 +48,10 @@ class _AlgorithmCommon(Protocol):
         outer_lr_schedule: the outer learning rate the algorithm's own recipe prescribes,
             ``schedule(base_lr, iteration, iterations) -> lr`` (Reptile's linear annealing, MAML++'s cosine);
             ``None``: the optimizer's rate, or the run's ``scheduler``.
+        queries_with_support: True when a predictor of ``adaptations`` puts the task's support set through the
+            network in the same call as the queries it is given (ProtoNet embeds them in one batch; the LSTM reads
+            the support sequence first); False when the queries go through on their own (MAML's family).
+            :func:`one_query_at_a_time` needs to know which.
     """
 
     network: Network
@@ -56,6 +60,7 @@ class _AlgorithmCommon(Protocol):
     grad_clip: Optional[float]
     inner_loop: bool
     outer_lr_schedule: Optional[OuterSchedule]
+    queries_with_support: bool
 
     def episode_shape(self, split: str, way: int, shot: int, query: int) -> tuple[int, int, int]:
         """``(way, shot, query)`` of the episodes of ``split`` (``train``, ``val``, ``test``) for a run's ``way``, ``shot``, ``query``."""
@@ -123,6 +128,7 @@ class AlgorithmDefaults:
     per_example_network = False
     grad_clip: Optional[float] = None
     outer_lr_schedule: Optional[OuterSchedule] = None
+    queries_with_support = False
 
     def attach(self, network: nn.Module) -> nn.Module:
         return network
@@ -190,6 +196,52 @@ def scored(predictors: Iterator[Predictor], query_x: Tensor, query_y: Tensor, ob
     :meth:`adaptations` is drawn, since drawing the next one takes the next step; only those of ``steps`` predict,
     because scoring the query set costs more than a step on the support set."""
     return {k: objective(predict(query_x), query_y)[1] for k, predict in enumerate(predictors) if k in steps}
+
+
+def one_query_at_a_time(predict: Predictor, support_x: Tensor, queries_with_support: bool) -> Predictor:
+    """``predict`` made non-transductive (Nichol et al. 2018, section 4): each query goes through the network in one
+    batch with the task's support set and no other query, so that a network with batch statistics gives it an output
+    that depends on the support set and that query alone, not on how many queries the episode holds or which.
+
+    One call of ``predict`` per query: as many passes as queries (a ``vmap`` over the queries was slower on a 2-core CPU,
+    docs/results.md).
+
+    Args:
+        queries_with_support: the algorithm's predictor puts the support set in the queries' batch itself
+            (:attr:`_AlgorithmCommon.queries_with_support`), so each query is given to it alone; otherwise each
+            query is put through after the support set and its output is the batch's last row.
+    """
+
+    def predict_each(query_x: Tensor) -> Tensor:
+        alone = [query_x[i:i + 1] for i in range(len(query_x))]
+        if queries_with_support:
+            return torch.cat([predict(query) for query in alone])
+        return torch.cat([predict(torch.cat([support_x, query]))[-1:] for query in alone])
+
+    return predict_each
+
+
+def evaluate_one_query_at_a_time(algorithm: "Algorithm", forward: Forward, params: Params, episodes: EpisodeBatch,
+                                 objective: Objective, score_every: Optional[int] = 1) -> dict[int, Metrics]:
+    """``algorithm.evaluate`` with each query predicted non-transductively (:func:`one_query_at_a_time`): each episode
+    adapted to by ``algorithm.adaptations``, its queries scored after the same steps as ``evaluate`` scores
+    (:func:`scored_steps` of the last step ``adaptations`` takes; step 0 alone for an algorithm without an inner loop)."""
+    if score_every is not None and score_every < 1:
+        raise ValueError(f"score_every must be 1 or more (got {score_every})")
+
+    def task_evaluate(forward: Forward, params: Params, episode: Episode, objective: Objective, score_every: Optional[int]) -> dict[int, Metrics]:
+        metrics: dict[int, Metrics] = {}
+        predictors = algorithm.adaptations(forward, params, episode.support_x, episode.support_y, objective)
+        for step, predict in enumerate(predictors):
+            last = step, one_query_at_a_time(predict, episode.support_x, algorithm.queries_with_support)
+            if score_every is not None and step % score_every == 0:
+                metrics[step] = objective(last[1](episode.query_x), episode.query_y)[1]
+        step, predict = last
+        if step not in metrics:  # the last step is always scored, whatever score_every
+            metrics[step] = objective(predict(episode.query_x), episode.query_y)[1]
+        return metrics
+
+    return each_episode_by_step(task_evaluate, forward, params, episodes, objective, score_every)
 
 
 def stack_metrics(per_episode: list[Metrics]) -> Metrics:

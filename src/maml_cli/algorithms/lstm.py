@@ -148,6 +148,7 @@ class RecurrentMetaLearner(AlgorithmDefaults):
     outer = "loss"
     episodes_per_call = None
     per_example_network = True
+    queries_with_support = True  # a predictor reads the support sequence, then the queries
 
     def __init__(self, protocol: str = "support_query", presentations: int = 10, hidden_size: int = 200, layers: int = 1,
                  forget_bias: float = 1.0, centre: bool | None = True, label_scale: float | None = None,

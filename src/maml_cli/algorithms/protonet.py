@@ -76,6 +76,7 @@ class ProtoNet(AlgorithmDefaults):
     network = "embedding"
     inner_loop = False
     outer = "loss"
+    queries_with_support = True  # the support set and the queries are embedded in one batch
     # conv4 with batch statistics normalises over the whole batch it is given: one episode per call.
     episodes_per_call = 1
 
