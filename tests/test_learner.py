@@ -110,6 +110,13 @@ def test_an_episodes_folder_scored_non_transductively_scores_as_the_same_episode
     assert len(first_task) == WAY * QUERY
     together, alone = (scores.softmax(dim=-1).max(dim=-1).values.tolist() for scores in scores_by_mode[0])
     assert first_task == pytest.approx(alone, abs=1e-6) and first_task != pytest.approx(together, abs=1e-6)
+    # The Python API on the same files, asked for the same.
+    files = sorted((episodes / "task0" / "support").rglob("*.png"))
+    adapted = learner.adapt(files, [f.parent.name for f in files])
+    queries = sorted((episodes / "task0" / "query").rglob("*.png"))
+    torch.testing.assert_close(adapted.scores(queries, transductive=False), scores_by_mode[0][1], rtol=0, atol=0)
+    torch.testing.assert_close(adapted.scores(queries), scores_by_mode[0][0], rtol=0, atol=0)
+    assert adapted.probabilities(queries, transductive=False).max(dim=-1).values.tolist() == pytest.approx(first_task, abs=1e-6)
 
 
 def refuse_non_numbers(constant: str) -> float:

@@ -7,6 +7,7 @@
                           ["cat", "dog", "owl", "fox", "elk"])    # one labelled image per class (5-way 1-shot)
     model.predict(["q1.png", "q2.png"])                           # ['dog', 'owl']
     model.probabilities(["q1.png", "q2.png"])                     # (2, 5), columns in model.classes order
+    model.predict(["q1.png"], transductive=False)                 # each query normalised with the support set alone
 
 No data root is needed: the network is rebuilt from the checkpoint's config, and images go through
 the preprocessing of the dataset it was trained on (:meth:`Learner.preprocess`: channels, size and
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from maml_cli.algorithms.base import Algorithm, Predictor
+from maml_cli.algorithms.base import Algorithm, Predictor, one_query_at_a_time
 from maml_cli.build import build_algorithm, build_model, has_inner_loop, resolve_device
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import ImageInputs, Inputs
@@ -215,9 +216,10 @@ class Learner:
         """
         learner = self if inner_steps is None else self.with_inner_steps(inner_steps)
         with torch.inference_mode(False), torch.enable_grad():  # inner steps differentiate, whatever the caller's mode
-            classes, predictors = learner.adaptations(support, labels)
+            support_x = learner.as_inputs(support)
+            classes, predictors = learner.adaptations(support_x, labels)
             *_, predict = predictors
-        return AdaptedLearner(learner, classes, predict)
+        return AdaptedLearner(learner, classes, predict, support_x)
 
 
 @dataclass
@@ -228,6 +230,9 @@ class AdaptedLearner:
     normalised together, as the queries of an episode were in training and evaluation; give a task's queries in
     one call. (A query alone is normalised on its own, and its scores differ from those it gets among the task's
     other queries. ProtoNet normalises the queries with the support set, and the LSTM each image on its own.)
+    With ``transductive=False`` each query goes through the network in one batch with the support set and no other
+    query (Nichol et al.'s non-transductive setting, ``maml-eval transductive=false``), one pass per query: its scores
+    then do not depend on the other queries given with it.
 
     Attributes:
         classes: the task's classes, in the order of the score columns (empty for regression).
@@ -236,27 +241,31 @@ class AdaptedLearner:
     learner: Learner
     classes: list[Hashable]
     predictor: Predictor
+    support_x: Tensor  # the support set as the network's input
 
-    def scores(self, query: Examples) -> Tensor:
+    def scores(self, query: Examples, transductive: bool = True) -> Tensor:
         """Class scores (logits) ``(n, classes)``, columns in :attr:`classes` order."""
         self._classification("scores")
-        return self._outputs(query)
+        return self._outputs(query, transductive)
 
-    def probabilities(self, query: Examples) -> Tensor:
+    def probabilities(self, query: Examples, transductive: bool = True) -> Tensor:
         """Class probabilities ``(n, classes)`` (the softmax of :meth:`scores`)."""
         self._classification("probabilities")
-        return self._outputs(query).softmax(dim=-1)
+        return self._outputs(query, transductive).softmax(dim=-1)
 
-    def predict(self, query: Examples) -> Union[list[Hashable], Tensor]:
+    def predict(self, query: Examples, transductive: bool = True) -> Union[list[Hashable], Tensor]:
         """The predicted class of each query (a label from :attr:`classes`); for regression, the values ``(n, 1)``."""
-        outputs = self._outputs(query)
+        outputs = self._outputs(query, transductive)
         if not self.classes:
             return outputs
         return [self.classes[i] for i in outputs.argmax(dim=-1).tolist()]
 
-    def _outputs(self, query: Examples) -> Tensor:
+    def _outputs(self, query: Examples, transductive: bool) -> Tensor:
         """The network's outputs for the queries, on the CPU: scores ``(n, classes)``, or regression values ``(n, 1)``."""
         query_x = self.learner.as_inputs(query)
+        if not transductive:
+            with torch.inference_mode(False):
+                return one_query_at_a_time(self.predictor, self.support_x, self.learner.algorithm.queries_with_support)(query_x).cpu()
         if len(query_x) == 1 and self.learner.queries_normalised_together:
             warnings.warn("a single query through a network with batch statistics is normalised on its own, unlike the queries "
                           "of training episodes, and its scores differ; give a task's queries together (see AdaptedLearner).",
