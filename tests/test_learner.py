@@ -243,3 +243,6 @@ def test_a_regression_learner_adapts_to_points_and_predicts_values(tmp_path):
         learner.adapt(x[::2], y[:3])
     with pytest.raises(UserError, match="trained on vectors"):
         learner.preprocess(["a.png"])
+    # The MLP gives each example an output of its own: a non-transductive prediction would be the same, one pass per query.
+    with pytest.raises(UserError, match="this MAML network gives each example an output of its own.*Leave it out"):
+        adapted.predict(x[1::2], transductive=False)

@@ -5,9 +5,9 @@ import torch
 
 from maml_cli.algorithms.base import evaluate_one_query_at_a_time, one_query_at_a_time
 from maml_cli.algorithms.registry import registered_algorithms
-from maml_cli.build import build_algorithm, build_model
+from maml_cli.build import build_algorithm, build_model, build_tasks
 from maml_cli.learner import dataset_inputs
-from maml_cli.loop import functional_forward
+from maml_cli.loop import evaluate, functional_forward
 from maml_cli.tasks import Episode, EpisodeBatch, classification_objective
 from test_config import compose_config
 
@@ -97,3 +97,22 @@ def test_before_any_inner_step_a_query_alone_is_the_last_row_of_the_network_on_t
     with torch.no_grad():
         by_hand = torch.stack([forward(params, torch.cat([episode.support_x, query[None]]))[-1] for query in episode.query_x])
     torch.testing.assert_close(alone, by_hand, rtol=0, atol=0)
+
+
+def test_the_evaluation_loop_scores_the_same_episodes_either_way():
+    # Sinusoid regression through the MLP, whose examples never meet: both ways must give the same numbers, which they
+    # can only if they draw the same episodes from eval_seed (and score the same steps).
+    cfg = compose_config(["dataset=sinusoid", "test_inner_steps=2", "model.hidden=[8,8]"])
+    algorithm = build_algorithm(cfg)
+    tasks = build_tasks(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, tasks, algorithm)
+    sampler = tasks.sampler("test", int(cfg.way), int(cfg.shot), int(cfg.query), torch.device("cpu"))
+    together, alone = (evaluate(algorithm, model, sampler, tasks.kind, 7, 3, torch.device("cpu"), transductive=transductive)
+                       for transductive in (True, False))
+    assert list(together) == list(alone) == [0, 1, 2]
+    for step in together:
+        for metric, (mean, ci) in together[step].items():
+            assert alone[step][metric] == pytest.approx((mean, ci), rel=1e-5)
+    other_seed = evaluate(algorithm, model, sampler, tasks.kind, 7, 4, torch.device("cpu"), transductive=False)
+    assert other_seed[2]["mse"][0] != pytest.approx(alone[2]["mse"][0], rel=1e-5)  # the episodes, not the model, set the numbers

@@ -23,8 +23,8 @@ run's only for algorithms whose network has no fixed number of outputs
 split's classes are those the run's checkpoint records (``classes``), with a printed note when they are not.
 
 With ``transductive=false`` (for a network with batch statistics, conv4's and ResNet-12's default) each query is put
-through the network in one batch with its task's support set and no other query, and scored by that batch's last row
-(the non-transductive setting of Nichol et al. 2018): its score then depends on the support set and itself alone, not
+through the network in one batch with its task's support set and no other query, and scored by its own row of that
+batch (the non-transductive setting of Nichol et al. 2018): its score then depends on the support set and itself alone, not
 on how many queries the episode holds. By default the queries of an episode are normalised together, as in training
 and in Finn et al.'s evaluation. The episodes are the same either way; the JSON's name ends in ``_nontransductive``.
 
@@ -142,13 +142,13 @@ def run_eval(args: EvalConfig) -> dict:
         for key in ("test_inner_steps", "score_every"):
             if getattr(args, key) is not None:
                 raise UserError(f"{key} does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; leave it out.")
-    if args.batch_tasks and not args.transductive:
-        raise UserError("batch_tasks=true computes the episodes of a stack together; transductive=false adapts to each task "
-                        "and puts each query through with its support set, one task at a time: leave batch_tasks out.")
     if args.batch_tasks is not None:
         if not offers_batch_tasks(cfg):
             raise UserError(f"batch_tasks does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which does not compute tasks "
                             f"together (MAML, ANIL and Meta-SGD do); leave it out.")
+        if args.batch_tasks and not args.transductive:
+            raise UserError("transductive=false computes each task on its own (each query with its support set), whatever "
+                            "batch_tasks says: leave batch_tasks out.")
         cfg.algo.batch_tasks = args.batch_tasks
     if (problem := seed_problem("eval_seed", int(cfg.eval_seed))) is not None:
         raise UserError(problem)
@@ -198,16 +198,9 @@ def run_eval(args: EvalConfig) -> dict:
 
 
 def check_transductive(transductive: bool, learner: Learner) -> None:
-    """Refuse ``transductive=false`` where it would change nothing.
-
-    Raises:
-        UserError: the network gives each example an output of its own, so its queries never meet each other.
-    """
-    if not transductive and not learner.model.mixes_examples:
-        raise UserError(f"transductive=false puts each query through the network with the support set alone, which matters only for "
-                        f"a network that normalises with each batch's statistics (model.batch_norm=batch, conv4's and ResNet-12's "
-                        f"default); this {learner.name} network gives each example an output of its own, so its queries never see "
-                        f"each other and the default scores it the same. Leave transductive out.")
+    """Refuse ``transductive=false`` where it would change nothing (:meth:`Learner.check_non_transductive`)."""
+    if not transductive:
+        learner.check_non_transductive("transductive=false", "Leave transductive out.")
 
 
 def compare_classes(recorded: dict | None, built: dict, split: str) -> str | None:

@@ -167,6 +167,18 @@ class Learner:
         other.algorithm, other.inner_steps = build_algorithm(other.config, self.device), steps
         return other
 
+    def check_non_transductive(self, asked: str, advice: str) -> None:
+        """Refuse non-transductive prediction (``asked``: how it was asked for) where it would change nothing.
+
+        Raises:
+            UserError: the network gives each example an output of its own, so its queries never meet each other.
+        """
+        if not self.model.mixes_examples:
+            raise UserError(f"{asked} puts each query through the network with the support set alone, which matters only for a "
+                            f"network that normalises with each batch's statistics (model.batch_norm=batch, conv4's and ResNet-12's "
+                            f"default); this {self.name} network gives each example an output of its own, so its queries never see "
+                            f"each other and the default predicts the same, in one pass instead of one per query. {advice}")
+
     def adaptations(self, support: Examples, labels: Union[Tensor, Sequence[Hashable]]) -> tuple[list[Hashable], Iterator[Predictor]]:
         """The task's classes (in the order of the output columns; none for regression) and a predictor of its queries
         after 0, 1, ..., :attr:`inner_steps` inner steps (one for algorithms without an inner loop).
@@ -232,7 +244,8 @@ class AdaptedLearner:
     other queries. ProtoNet normalises the queries with the support set, and the LSTM each image on its own.)
     With ``transductive=False`` each query goes through the network in one batch with the support set and no other
     query (Nichol et al.'s non-transductive setting, ``maml-eval transductive=false``), one pass per query: its scores
-    then do not depend on the other queries given with it.
+    then do not depend on the other queries given with it (refused for a network without batch statistics, where
+    nothing would change).
 
     Attributes:
         classes: the task's classes, in the order of the score columns (empty for regression).
@@ -264,6 +277,7 @@ class AdaptedLearner:
         """The network's outputs for the queries, on the CPU: scores ``(n, classes)``, or regression values ``(n, 1)``."""
         query_x = self.learner.as_inputs(query)
         if not transductive:
+            self.learner.check_non_transductive("transductive=False", "Leave it out.")
             with torch.inference_mode(False):
                 return one_query_at_a_time(self.predictor, self.support_x, self.learner.algorithm.queries_with_support)(query_x).cpu()
         if len(query_x) == 1 and self.learner.queries_normalised_together:

@@ -864,6 +864,8 @@ def curves_text(run: Run, every: int = 1) -> str:
     test = run.test
     if test.by_inner_step:
         source = f" ({test.episodes.eval_file})" if test.episodes and test.episodes.eval_file else ""
+        if test.episodes and not test.episodes.transductive:
+            source += ", non-transductive"
         lines += ["", f"| inner steps at test | meta-test {metric}{source} | 95% CI |", "|---:|---:|---:|"]
         lines += [f"| {k} | {metric_text(e.mean, metric)} | {metric_text(e.spread, metric)} |" for k, e in test.by_inner_step.items()]
     else:

@@ -204,7 +204,8 @@ def one_query_at_a_time(predict: Predictor, support_x: Tensor, queries_with_supp
     that depends on the support set and that query alone, not on how many queries the episode holds or which.
 
     One call of ``predict`` per query: as many passes as queries (a ``vmap`` over the queries was slower on a 2-core CPU,
-    docs/results.md).
+    docs/results.md), and for ANIL a pass of the body per query and scored step, where its transductive predictors share
+    one pass of the query set.
 
     Args:
         queries_with_support: the algorithm's predictor puts the support set in the queries' batch itself
@@ -226,19 +227,19 @@ def evaluate_one_query_at_a_time(algorithm: "Algorithm", forward: Forward, param
     """``algorithm.evaluate`` with each query predicted non-transductively (:func:`one_query_at_a_time`): each episode
     adapted to by ``algorithm.adaptations``, its queries scored after the same steps as ``evaluate`` scores
     (:func:`scored_steps` of the last step ``adaptations`` takes; step 0 alone for an algorithm without an inner loop)."""
-    if score_every is not None and score_every < 1:
-        raise ValueError(f"score_every must be 1 or more (got {score_every})")
+    scored_steps(0, score_every)  # refuses a score_every below 1 before any work
 
-    def task_evaluate(forward: Forward, params: Params, episode: Episode, objective: Objective, score_every: Optional[int]) -> dict[int, Metrics]:
+    def task_evaluate(forward: Forward, params: Params, episode: Episode, objective: Objective, every: Optional[int]) -> dict[int, Metrics]:
+        # The last step is known only when the predictors run out (the contract does not expose it), so the steps of
+        # scored_steps are chosen as they come: each multiple of ``every``, then the last if it was not one.
         metrics: dict[int, Metrics] = {}
         predictors = algorithm.adaptations(forward, params, episode.support_x, episode.support_y, objective)
         for step, predict in enumerate(predictors):
-            last = step, one_query_at_a_time(predict, episode.support_x, algorithm.queries_with_support)
-            if score_every is not None and step % score_every == 0:
-                metrics[step] = objective(last[1](episode.query_x), episode.query_y)[1]
-        step, predict = last
-        if step not in metrics:  # the last step is always scored, whatever score_every
-            metrics[step] = objective(predict(episode.query_x), episode.query_y)[1]
+            last_step, predict_alone = step, one_query_at_a_time(predict, episode.support_x, algorithm.queries_with_support)
+            if every is not None and step % every == 0:
+                metrics[step] = objective(predict_alone(episode.query_x), episode.query_y)[1]
+        if last_step not in metrics:
+            metrics[last_step] = objective(predict_alone(episode.query_x), episode.query_y)[1]
         return metrics
 
     return each_episode_by_step(task_evaluate, forward, params, episodes, objective, score_every)
