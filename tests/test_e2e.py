@@ -467,6 +467,43 @@ def test_maml_eval_notes_episodes_shaped_otherwise_than_training_for_a_network_w
         assert exit_info.value.code == 2 and "leave batch_tasks out" in capsys.readouterr().err
 
 
+def test_train_transductive_false_validates_and_tests_each_query_with_its_support_set_alone(tmp_path, small_omniglot, capsys):
+    # The run's meta-validation and meta-test are maml-eval transductive=false's numbers on the same weights and episodes,
+    # maml-eval follows the run's setting unless told otherwise, and maml-results says how the run's test scored.
+    from maml_cli import evaluate, results
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2, "transductive=false"), cwd=tmp_path)
+    run = only_run(tmp_path)
+    scalars = read_scalars(run)
+
+    def scored(*args):
+        capsys.readouterr()
+        evaluate.main([f"checkpoint={run / 'last.pt'}", "progress=false", *args])
+        written = Path(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("written: ")).split(": ", 1)[1])
+        report = json.loads(written.read_text())
+        return written.name, report["transductive"], report["by_inner_step"][-1]["mean"]
+
+    name, transductive, test_accuracy = scored()
+    assert name.endswith("_5tasks_seed0_2steps_nontransductive.json") and transductive is False
+    assert scalars["test/accuracy"][-1] == (2, pytest.approx(test_accuracy, rel=1e-6))
+    name, transductive, val_accuracy = scored("split=val", "test_tasks=4")
+    assert transductive is False and scalars["val/accuracy"][-1] == (2, pytest.approx(val_accuracy, rel=1e-6))
+    name, transductive, together = scored("transductive=true")
+    assert transductive is True and not name.endswith("_nontransductive.json") and together != pytest.approx(test_accuracy)
+    results.main([str(run)])
+    assert "5 tasks, 3w1s 2q, non-transductive" in capsys.readouterr().out
+    results.main(["--curves", str(run)])
+    curves = capsys.readouterr().out
+    assert "| meta-val accuracy (non-transductive) | 95% CI |" in curves and "| meta-test accuracy, non-transductive | 95% CI |" in curves
+    # A resume keeps the run's way of scoring: best.pt would be chosen by comparing scores of both kinds.
+    changed = run_in_process("maml-train", [f"resume={run}", "iterations=4", "transductive=true"], cwd=tmp_path, check=False)
+    assert changed.returncode == 2 and "transductive: False -> True" in changed.stderr and "force_resume=true" in changed.stderr
+    # Where queries never meet it would score the same, one pass per query: refused before training.
+    (tmp_path / "example").mkdir()
+    refused = run_in_process("maml-train", omniglot_args(small_omniglot, 2, "transductive=false", "model.batch_norm=example"),
+                             cwd=tmp_path / "example", check=False)
+    assert refused.returncode == 2 and "Leave transductive out" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_impossible_episode_is_an_error_before_training_naming_the_numbers(tmp_path, small_omniglot):
     result = run_in_process("maml-train", omniglot_args(small_omniglot, 2, "way=40"), cwd=tmp_path, check=False)
     assert result.returncode == 2

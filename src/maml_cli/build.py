@@ -26,6 +26,7 @@ from maml_cli.config import MODEL_SCHEMAS, Config, config_dir
 from maml_cli.data.base import ImageShaped, ImageTaskFamily, TaskFamily, VectorShaped, VectorTaskFamily
 from maml_cli.data.registry import registered_dataset_by_target
 from maml_cli.errors import UserError
+from maml_cli.models import Backbone
 from maml_cli.tasks import EpisodeSampler
 from maml_cli.suggest import GROUPS, HIDDEN_FIELDS, schema_fields, unknown_key_message
 from maml_cli.threads import threads_problem
@@ -232,6 +233,19 @@ def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: A
                         f"configured mixes the examples of a batch (batch statistics): a later image would change an earlier "
                         f"step's output. Use {fix}.")
     return network.to(device)
+
+
+def check_non_transductive(network: Backbone, algo: str, asked: str, advice: str) -> None:
+    """Refuse non-transductive scoring (``asked``: how it was asked for) where it would change nothing.
+
+    Raises:
+        UserError: ``network`` gives each example an output of its own, so an episode's queries never meet each other.
+    """
+    if not network.mixes_examples:
+        raise UserError(f"{asked} puts each query through the network with the support set alone, which matters only for a "
+                        f"network that normalises with each batch's statistics (model.batch_norm=batch, conv4's and ResNet-12's "
+                        f"default); this {algo} network gives each example an output of its own, so its queries never see "
+                        f"each other and the default predicts the same, in one pass instead of one per query. {advice}")
 
 
 def constructor_arguments(target: str) -> set[str] | None:
@@ -610,7 +624,7 @@ def hparams(cfg: DictConfig, tasks: TaskFamily) -> dict[str, int | float | str]:
         and would show booleans as 1 and 0.
     """
     keys = ["way", "shot", "query", "inner_lr", "outer_lr", "inner_steps", "test_inner_steps", "meta_batch_size", "iterations",
-            "patience", "seed", "eval_seed"]
+            "patience", "seed", "eval_seed", "transductive"]
     # Inner-loop keys mean nothing to an algorithm without an inner loop; showing them would suggest they mattered.
     keys = [k for k in keys if k not in INNER_LOOP_KEYS or has_inner_loop(cfg)]
     values: dict[str, Any] = {k: cfg[k] for k in keys}

@@ -71,6 +71,7 @@ class Config:
     inner_steps: int = MISSING
     test_inner_steps: int = MISSING
     score_every: int = 1
+    transductive: bool = True
     meta_batch_size: int = MISSING
     iterations: int = MISSING
     tasks_at_once: int = 1

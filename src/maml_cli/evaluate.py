@@ -8,7 +8,7 @@ Usage::
               [dataset.split_dir=DIR]                   # where the split's class lists are now, if they moved
               [dataset.root=DIR] [dataset.store_dir=DIR]  # dataset=folder's images, the decoded images, if they moved
               [output=FILE]                             # where to write the JSON (default: a name recording the settings)
-              [transductive=false]                      # each query normalised with the support set alone (below)
+              [transductive=true|false]                 # false: each query normalised with the support set alone (below)
     maml-eval checkpoint=... episodes=<folder> [test_inner_steps=N]   # tasks given as image files (below)
 
 Prints the mean and 95% confidence interval of the accuracy (MSE for
@@ -25,8 +25,9 @@ split's classes are those the run's checkpoint records (``classes``), with a pri
 With ``transductive=false`` (for a network with batch statistics, conv4's and ResNet-12's default) each query is put
 through the network in one batch with its task's support set and no other query, and scored by its own row of that
 batch (the non-transductive setting of Nichol et al. 2018): its score then depends on the support set and itself alone, not
-on how many queries the episode holds. By default the queries of an episode are normalised together, as in training
-and in Finn et al.'s evaluation. The episodes are the same either way; the JSON's name ends in ``_nontransductive``.
+on how many queries the episode holds. By default the run's own setting (``maml-train transductive=``, true unless the
+run set it): the queries of an episode are normalised together, as in training and in Finn et al.'s evaluation. The
+episodes are the same either way; the JSON's name ends in ``_nontransductive``.
 
 With ``episodes=<folder>`` the tasks are image files, one folder per task: ``support/<class>/<images>``
 with ``query/<class>/<images>`` (labelled: accuracy per task and over the tasks, with its CI) or
@@ -94,7 +95,7 @@ class EvalConfig:
     dataset: EvalDataset = field(default_factory=EvalDataset)
     output: Optional[str] = None  # the JSON file to write (refused if it exists); default: a name beside the checkpoint
     episodes: Optional[str] = None  # a folder of tasks given as image files, scored instead of sampled episodes
-    transductive: bool = True  # false: each query in one batch with its task's support set and no other query
+    transductive: Optional[bool] = None  # false: each query in one batch with its task's support set alone; default: the run's (true before the key)
 
 
 # What episodes=<folder> gives itself: the tasks, their shapes and their images.
@@ -142,13 +143,17 @@ def run_eval(args: EvalConfig) -> dict:
         for key in ("test_inner_steps", "score_every"):
             if getattr(args, key) is not None:
                 raise UserError(f"{key} does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; leave it out.")
+    typed_transductive = args.transductive is not None
+    if not typed_transductive:
+        args.transductive = bool(cfg.get("transductive", True))
     if args.batch_tasks is not None:
         if not offers_batch_tasks(cfg):
             raise UserError(f"batch_tasks does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which does not compute tasks "
                             f"together (MAML, ANIL and Meta-SGD do); leave it out.")
         if args.batch_tasks and not args.transductive:
-            raise UserError("transductive=false computes each task on its own (each query with its support set), whatever "
-                            "batch_tasks says: leave batch_tasks out.")
+            raise UserError(f"transductive=false{'' if typed_transductive else ' (the run was trained with it)'} computes each task "
+                            f"on its own (each query with its support set), whatever batch_tasks says: leave batch_tasks out"
+                            f"{'.' if typed_transductive else ', or add transductive=true to score the queries of an episode together.'}")
         cfg.algo.batch_tasks = args.batch_tasks
     if (problem := seed_problem("eval_seed", int(cfg.eval_seed))) is not None:
         raise UserError(problem)
@@ -265,6 +270,8 @@ def run_episodes(args: EvalConfig) -> tuple[dict, list[Prediction]]:
                         f"Use the Python API (maml_cli.load) with tensors.")
     if args.test_inner_steps is not None:
         learner = learner.with_inner_steps(args.test_inner_steps)
+    if args.transductive is None:
+        args.transductive = bool(learner.config.get("transductive", True))
     check_transductive(args.transductive, learner)
     root = Path(args.episodes).expanduser()
     tasks = read_task_folders(root)

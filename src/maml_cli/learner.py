@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from maml_cli.algorithms.base import Algorithm, Predictor, one_query_at_a_time
-from maml_cli.build import build_algorithm, build_model, has_inner_loop, resolve_device
+from maml_cli.build import build_algorithm, build_model, check_non_transductive, has_inner_loop, resolve_device
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import ImageInputs, Inputs
 from maml_cli.data.registry import registered_dataset_by_target
@@ -168,16 +168,9 @@ class Learner:
         return other
 
     def check_non_transductive(self, asked: str, advice: str) -> None:
-        """Refuse non-transductive prediction (``asked``: how it was asked for) where it would change nothing.
-
-        Raises:
-            UserError: the network gives each example an output of its own, so its queries never meet each other.
-        """
-        if not self.model.mixes_examples:
-            raise UserError(f"{asked} puts each query through the network with the support set alone, which matters only for a "
-                            f"network that normalises with each batch's statistics (model.batch_norm=batch, conv4's and ResNet-12's "
-                            f"default); this {self.name} network gives each example an output of its own, so its queries never see "
-                            f"each other and the default predicts the same, in one pass instead of one per query. {advice}")
+        """Refuse non-transductive prediction (``asked``: how it was asked for) where it would change nothing
+        (:func:`~maml_cli.build.check_non_transductive`)."""
+        check_non_transductive(self.model, self.name, asked, advice)
 
     def adaptations(self, support: Examples, labels: Union[Tensor, Sequence[Hashable]]) -> tuple[list[Hashable], Iterator[Predictor]]:
         """The task's classes (in the order of the output columns; none for regression) and a predictor of its queries

@@ -358,6 +358,8 @@ class MetaTrainer:
     grad_clip: float | None = None
     patience: int | None = None
     score_every: int = 1  # the final meta-test scores the query set after every score_every-th inner step and the last
+    # False: validation and the meta-test predict each query in one batch with its support set alone (evaluate's transductive).
+    transductive: bool = True
     threads: TaskThreads | None = None
     progress: bool = True
     resume_hint: str = ""
@@ -437,7 +439,7 @@ class MetaTrainer:
         """Score the model on the meta-validation episodes, log it, keep ``best.pt``; returns the metric and its 95% CI."""
         # Only the last inner step is logged and compared, so only it is scored.
         results = after_last_step(evaluate(self.algorithm, self.model, self.val_sampler, self.kind, self.val_tasks, self.eval_seed,
-                                           self.device, ranks=self.ranks, score_every=None))
+                                           self.device, ranks=self.ranks, score_every=None, transductive=self.transductive))
         step = self.state.iteration
         for name, (value, ci) in results.items():
             self.writer.add_scalar(f"val/{name}", value, step)
@@ -454,7 +456,8 @@ class MetaTrainer:
 
     def test(self) -> dict[int, dict[str, tuple[float, float]]]:
         results = evaluate(self.algorithm, self.model, self.test_sampler, self.kind, self.test_tasks, self.eval_seed, self.device,
-                           progress=self.progress, description="meta-test", ranks=self.ranks, score_every=self.score_every)
+                           progress=self.progress, description="meta-test", ranks=self.ranks, score_every=self.score_every,
+                           transductive=self.transductive)
         metric = self.kind.metric
         for inner_step, step_results in results.items():
             value, ci = step_results[metric]

@@ -433,7 +433,8 @@ def read_test(scalars: dict[str, list[Point]], metric: str | None, config: dict[
         values, cis = ({p.step: p.value for p in last_test(scalars.get(tag, []))} for tag in (f"test/{metric}_{name}", f"test/{metric}_ci95_{name}"))
         return {step: Estimate(v, cis.get(step, math.nan)) for step, v in sorted(values.items())}
 
-    episodes = TestEpisodes(*(number(config.get(k)) for k in ("test_tasks", "way", "shot", "query"))) if config else None
+    episodes = (TestEpisodes(*(number(config.get(k)) for k in ("test_tasks", "way", "shot", "query")),
+                             transductive=config.get("transductive", True) is not False) if config else None)
     return TestResult(Estimate(final[-1].value, final_ci.get(final[-1].step, math.nan)), estimates("by_inner_step"),
                       list(estimates("by_presentation").values()), episodes)
 
@@ -846,8 +847,9 @@ def curves_text(run: Run, every: int = 1) -> str:
     metric = run.metric or "metric"
     shape = f"{show_value(run.config.get('way'))}-way {show_value(run.config.get('shot'))}-shot, query {show_value(run.config.get('query'))}"
     planned = f"{run.planned_iterations:,}" if run.planned_iterations is not None else "?"
+    scoring = "" if run.config.get("transductive", True) is not False else " (non-transductive)"
     lines = [f"run: `{run.path}`; {run.algo} on {run.dataset}, split: {run.split or 'n/a'}; {shape}, iterations {planned}; {run.state}", "",
-             f"| iteration | meta-train {metric} (batch) | meta-val {metric} | 95% CI |", "|---:|---:|---:|---:|"]
+             f"| iteration | meta-train {metric} (batch) | meta-val {metric}{scoring} | 95% CI |", "|---:|---:|---:|---:|"]
     curve = run.validation.curve
     steps = list(curve)
     for i, step in enumerate(steps):

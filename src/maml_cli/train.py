@@ -36,7 +36,7 @@ from maml_cli import config as config_module
 from maml_cli import distributed
 from maml_cli.algorithms.base import Algorithm
 from maml_cli.build import (build_algorithm, build_model, build_optimizer, build_samplers, build_scheduler, build_tasks,
-                            algorithm_name, batch_tasks_in_use, check_inner_loop_overrides, check_one_schedule, dataset_name, flatten, hparams, resolve_device, resume_config, settle_model_choices,
+                            algorithm_name, batch_tasks_in_use, check_inner_loop_overrides, check_non_transductive, check_one_schedule, dataset_name, flatten, hparams, resolve_device, resume_config, settle_model_choices,
                             typed_keys, unflatten, validate, without_own_settings)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import TaskFamily, class_split_changes, class_split_record
@@ -279,6 +279,8 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         check_class_split(cfg, resume_state, class_split)
     samplers = build_samplers(cfg, tasks, algorithm, device)
     model = build_model(cfg, tasks, algorithm, device)
+    if not cfg.transductive:
+        check_non_transductive(model, algorithm_name(cfg), "transductive=false", "Leave transductive out.")
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, algorithm)
 
@@ -293,6 +295,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         val_every=cfg.val_every, val_tasks=cfg.val_tasks, test_tasks=cfg.test_tasks,
         checkpoint_every=cfg.checkpoint_every, eval_seed=cfg.eval_seed, config=config, progress=cfg.progress and ranks.main,
         scheduler=scheduler, grad_clip=algorithm.grad_clip, patience=cfg.patience, score_every=cfg.score_every,
+        transductive=cfg.transductive,
         threads=task_threads(model, cfg.tasks_at_once, cfg.meta_batch_size, device, algorithm.episodes_per_call),
         resume_hint=f"maml-train {resume_override(run_dir)}", ranks=ranks, class_split=class_split,
     )
@@ -337,6 +340,9 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
         log.info("algo.batch_tasks=%s%s: %s", str(batch_tasks).lower(),
                  f" (null, settled for {device.type})" if cfg.algo.get("batch_tasks") is None else "",
                  "the tasks of a meta-batch are computed together" if batch_tasks else "each task is computed on its own")
+    if not cfg.transductive:
+        log.info("transductive=false: meta-validation and the meta-test put each query through the network in one batch with "
+                 "its task's support set and no other query (one pass per query)")
     try:
         with console_quiet(PROGRESS_LOGGER if cfg.progress else None):
             if not trainer.train():
