@@ -437,6 +437,25 @@ def test_a_resume_judges_typed_keys_by_the_values_it_uses_and_untyped_expression
     assert OmegaConf.to_container(added.scheduler) == {"gamma": 0.5}
 
 
+def test_a_key_added_after_a_run_was_saved_resumes_as_its_default():
+    # A run saved before `transductive` existed scored transductively: typing the default on its resume changes nothing,
+    # the other value is a change of its results (refused unless forced), and an untyped resume takes the default.
+    from omegaconf import OmegaConf
+    from maml_cli.errors import UserError
+    from maml_cli.train import resumed_config
+    saved = OmegaConf.to_container(compose_config([]), resolve=True)
+    del saved["transductive"]
+
+    def resumed(*typed):
+        overrides = ["resume=/runs/x", *typed]
+        return resumed_config(compose_config(overrides), {"config": saved}, overrides)
+
+    assert resumed().transductive is True and resumed("transductive=true").transductive is True
+    with pytest.raises(UserError, match="transductive: True -> False"):
+        resumed("transductive=false")
+    assert resumed("transductive=false", "force_resume=true").transductive is False
+
+
 @pytest.mark.parametrize("launcher,target", [("joblib", "JoblibLauncher"), ("submitit_slurm", "SlurmLauncher")])
 def test_the_launcher_configs_compose_with_their_defaults(launcher, target):
     GlobalHydra.instance().clear()
@@ -468,6 +487,7 @@ class NamedSplit:
     ("algo.first_order=true", "algo.first_order", "true"),  # TensorBoard would show a bool as 1
     ("patience=50", "patience", 50),
     ("eval_seed=3", "eval_seed", 3),
+    ("transductive=false", "transductive", "false"),  # how validation chose best.pt and the test scored
     ("+scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:10}", "scheduler.step_size", 10),
 ])
 def test_a_sweep_over_any_setting_that_changes_what_a_run_learns_shows_rows_that_differ(override, column, value):

@@ -474,6 +474,12 @@ def test_train_transductive_false_validates_and_tests_each_query_with_its_suppor
     run_in_process("maml-train", omniglot_args(small_omniglot, 2, "transductive=false"), cwd=tmp_path)
     run = only_run(tmp_path)
     scalars = read_scalars(run)
+    # The setting changes how the run is scored, not what it learns: the same weights as a run with the default.
+    (tmp_path / "default").mkdir()
+    run_in_process("maml-train", omniglot_args(small_omniglot, 2), cwd=tmp_path / "default")
+    default_weights = torch.load(only_run(tmp_path / "default") / "last.pt", weights_only=False)["model"]
+    for name, tensor in torch.load(run / "last.pt", weights_only=False)["model"].items():
+        assert torch.equal(tensor, default_weights[name]), name
 
     def scored(*args):
         capsys.readouterr()
@@ -487,10 +493,16 @@ def test_train_transductive_false_validates_and_tests_each_query_with_its_suppor
     assert scalars["test/accuracy"][-1] == (2, pytest.approx(test_accuracy, rel=1e-6))
     name, transductive, val_accuracy = scored("split=val", "test_tasks=4")
     assert transductive is False and scalars["val/accuracy"][-1] == (2, pytest.approx(val_accuracy, rel=1e-6))
-    name, transductive, together = scored("transductive=true")
-    assert transductive is True and not name.endswith("_nontransductive.json") and together != pytest.approx(test_accuracy)
+    name, transductive, together = scored("transductive=true", "test_tasks=20")
+    assert transductive is True and not name.endswith("_nontransductive.json") and together != pytest.approx(scored("test_tasks=20")[2])
     results.main([str(run)])
     assert "5 tasks, 3w1s 2q, non-transductive" in capsys.readouterr().out
+    # The Python API predicts as the run scored, unless told otherwise.
+    from maml_cli import load
+    images = torch.rand(9, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    adapted = load(run / "last.pt").adapt(images[:3], ["a", "b", "c"])
+    assert torch.equal(adapted.scores(images[3:]), adapted.scores(images[3:], transductive=False))
+    assert not torch.allclose(adapted.scores(images[3:]), adapted.scores(images[3:], transductive=True))
     results.main(["--curves", str(run)])
     curves = capsys.readouterr().out
     assert "| meta-val accuracy (non-transductive) | 95% CI |" in curves and "| meta-test accuracy, non-transductive | 95% CI |" in curves

@@ -240,3 +240,13 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("maml-results: error: ") or "error: --every" in err, err
         assert "Traceback" not in err
+
+
+def test_a_run_from_before_the_transductive_key_compares_as_the_transductive_run_it_was(tmp_path):
+    # Its config has no such key, and it scored its queries together: against a run trained with transductive=false
+    # the table must show the column, and against one that says true, none.
+    for name, extra in (("old", ""), ("false", "transductive: false\n"), ("true", "transductive: true\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("way: 5\n" + extra)
+    old, false, true = (results.read_config(tmp_path / name)[0] for name in ("old", "false", "true"))
+    assert results.differing_keys([old, false]) == ["transductive"] and results.differing_keys([old, true]) == []

@@ -271,7 +271,7 @@ def run_episodes(args: EvalConfig) -> tuple[dict, list[Prediction]]:
     if args.test_inner_steps is not None:
         learner = learner.with_inner_steps(args.test_inner_steps)
     if args.transductive is None:
-        args.transductive = bool(learner.config.get("transductive", True))
+        args.transductive = learner.transductive
     check_transductive(args.transductive, learner)
     root = Path(args.episodes).expanduser()
     tasks = read_task_folders(root)

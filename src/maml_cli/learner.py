@@ -114,6 +114,8 @@ class Learner:
         # A classifier with batch statistics normalises the queries of a call together (ProtoNet normalises them
         # with the support set, the LSTM's embedding each image on its own).
         self.queries_normalised_together = self.algorithm.network == "classifier" and bool(self.model.mixes_examples)
+        # How the run scored its queries (maml-train transductive=): what prediction does unless told otherwise.
+        self.transductive = bool(config.get("transductive", True))
 
     @property
     def name(self) -> str:
@@ -238,7 +240,8 @@ class AdaptedLearner:
     With ``transductive=False`` each query goes through the network in one batch with the support set and no other
     query (Nichol et al.'s non-transductive setting, ``maml-eval transductive=false``), one pass per query: its scores
     then do not depend on the other queries given with it (refused for a network without batch statistics, where
-    nothing would change).
+    nothing would change). Left out, it is the run's own setting (``maml-train transductive=``; true unless the run
+    set it), as for ``maml-eval``.
 
     Attributes:
         classes: the task's classes, in the order of the score columns (empty for regression).
@@ -249,26 +252,28 @@ class AdaptedLearner:
     predictor: Predictor
     support_x: Tensor  # the support set as the network's input
 
-    def scores(self, query: Examples, transductive: bool = True) -> Tensor:
+    def scores(self, query: Examples, transductive: Optional[bool] = None) -> Tensor:
         """Class scores (logits) ``(n, classes)``, columns in :attr:`classes` order."""
         self._classification("scores")
         return self._outputs(query, transductive)
 
-    def probabilities(self, query: Examples, transductive: bool = True) -> Tensor:
+    def probabilities(self, query: Examples, transductive: Optional[bool] = None) -> Tensor:
         """Class probabilities ``(n, classes)`` (the softmax of :meth:`scores`)."""
         self._classification("probabilities")
         return self._outputs(query, transductive).softmax(dim=-1)
 
-    def predict(self, query: Examples, transductive: bool = True) -> Union[list[Hashable], Tensor]:
+    def predict(self, query: Examples, transductive: Optional[bool] = None) -> Union[list[Hashable], Tensor]:
         """The predicted class of each query (a label from :attr:`classes`); for regression, the values ``(n, 1)``."""
         outputs = self._outputs(query, transductive)
         if not self.classes:
             return outputs
         return [self.classes[i] for i in outputs.argmax(dim=-1).tolist()]
 
-    def _outputs(self, query: Examples, transductive: bool) -> Tensor:
+    def _outputs(self, query: Examples, transductive: Optional[bool]) -> Tensor:
         """The network's outputs for the queries, on the CPU: scores ``(n, classes)``, or regression values ``(n, 1)``."""
         query_x = self.learner.as_inputs(query)
+        if transductive is None:
+            transductive = self.learner.transductive
         if not transductive:
             self.learner.check_non_transductive("transductive=False", "Leave it out.")
             with torch.inference_mode(False):

@@ -312,7 +312,8 @@ def read_config(run_dir: Path) -> tuple[dict[str, ConfigValue], str | None]:
         return {}, f"config.yaml is unreadable ({str(err).splitlines()[0]})"
     if not isinstance(loaded, dict):
         return {}, "config.yaml does not hold a config"
-    config = flatten(loaded)
+    # A run from before the key scored transductively: it compares equal to a run that says so.
+    config = {"transductive": True, **flatten(loaded)}
     algo = loaded.get("algo")
     if isinstance(algo, dict) and isinstance(algo.get("_target_"), str) and not has_inner_loop(OmegaConf.create({"algo": algo})):
         config = {k: v for k, v in config.items() if k.removeprefix("algo.") not in INNER_LOOP_KEYS}

@@ -41,6 +41,7 @@ from maml_cli.build import (build_algorithm, build_model, build_optimizer, build
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import TaskFamily, class_split_changes, class_split_record
 from maml_cli.errors import UserError, out_of_memory_explained
+from maml_cli.learner import dataset_inputs
 from maml_cli.loop import MetaTrainer, TaskThreads, after_last_step, by_presentation, ci_text
 from maml_cli.results import first_hparams
 from maml_cli.run_lock import run_lock
@@ -99,8 +100,12 @@ def resumed_config(cfg: DictConfig, resume_state: dict, overrides: list[str]) ->
         UserError: a typed key would change the run's results (unless ``force_resume=true``).
     """
     current = flatten(cfg)
-    typed = typed_keys(overrides, current, flatten(config_module.compose_defaults()))
-    saved = flatten(resume_state["config"])
+    defaults = flatten(config_module.compose_defaults())
+    typed = typed_keys(overrides, current, defaults)
+    # A top-level key added after the run was saved: the run computed as the key's default does (transductive: true).
+    run_config = flatten(resume_state["config"])
+    nodes = {key.split(".", 1)[0] for key in run_config if "." in key}  # a node's keys, not a null top-level default over them
+    saved = {**{k: v for k, v in defaults.items() if "." not in k and k not in nodes}, **run_config}
     # The class lists may move (another machine): a checkpoint that records its split lets the resume compare the
     # classes themselves once they are built (check_class_split), instead of refusing every other folder.
     moved = {"dataset.split_dir"} if resume_state.get("class_split") is not None else set()
@@ -273,14 +278,18 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], ranks: distribu
     settle_model_choices(cfg, algorithm)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
+    if not cfg.transductive:
+        # Before the dataset is built, on a network shaped from its config, drawn outside the seeded stream so that the
+        # run's own network starts the same either way.
+        with torch.random.fork_rng(devices=[]):
+            network = build_model(cfg, dataset_inputs(cfg), algorithm)
+        check_non_transductive(network, algorithm_name(cfg), "transductive=false", "Leave transductive out.")
     tasks = build_tasks(cfg)
     class_split = class_split_record(tasks)
     if resume_state:
         check_class_split(cfg, resume_state, class_split)
     samplers = build_samplers(cfg, tasks, algorithm, device)
     model = build_model(cfg, tasks, algorithm, device)
-    if not cfg.transductive:
-        check_non_transductive(model, algorithm_name(cfg), "transductive=false", "Leave transductive out.")
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, algorithm)
 
