@@ -13,8 +13,8 @@ Two choices differ from openai/supervised-reptile and are deliberate: the inner 
 zero moments on every task (theirs carries Adam's moments from task to task, an artefact of reusing
 one TensorFlow optimizer that makes a task's adaptation depend on the tasks before it), and queries are
 classified together, with batch statistics over the query set (their "transductive" setting, which is
-how every other algorithm here is scored by default; ``maml-eval transductive=false`` scores their
-non-transductive one, each query with the support set alone).
+how every other algorithm here is scored by default; ``transductive=false``, for ``maml-train``'s validation and test
+or for ``maml-eval``, scores their non-transductive one, each query with the support set alone).
 """
 from __future__ import annotations
 
