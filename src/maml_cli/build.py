@@ -235,6 +235,12 @@ def build_model(cfg: DictConfig, tasks: ImageShaped | VectorShaped, algorithm: A
     return network.to(device)
 
 
+def scores_transductively(run_config: DictConfig | dict[str, Any]) -> bool:
+    """Whether a run scores the queries of an episode together (``transductive=``, true by default): what its
+    validation did, and what ``maml-eval`` and the Python API do unless told. A run saved before the key existed did."""
+    return run_config.get("transductive", True) is not False
+
+
 def check_non_transductive(network: Backbone, algo: str, asked: str, advice: str) -> None:
     """Refuse non-transductive scoring (``asked``: how it was asked for) where it would change nothing.
 

@@ -53,7 +53,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from maml_cli.algorithms.base import one_query_at_a_time
-from maml_cli.build import build_algorithm, build_tasks, has_inner_loop, offers_batch_tasks, resolve_device, seed_problem
+from maml_cli.build import (build_algorithm, build_tasks, has_inner_loop, offers_batch_tasks, resolve_device, scores_transductively,
+                             seed_problem)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.data.task_folders import TaskFiles, read_task_folders
@@ -145,7 +146,7 @@ def run_eval(args: EvalConfig) -> dict:
                 raise UserError(f"{key} does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which has no inner loop; leave it out.")
     typed_transductive = args.transductive is not None
     if not typed_transductive:
-        args.transductive = bool(cfg.get("transductive", True))
+        args.transductive = scores_transductively(cfg)
     if args.batch_tasks is not None:
         if not offers_batch_tasks(cfg):
             raise UserError(f"batch_tasks does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which does not compute tasks "

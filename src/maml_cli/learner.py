@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from maml_cli.algorithms.base import Algorithm, Predictor, one_query_at_a_time
-from maml_cli.build import build_algorithm, build_model, check_non_transductive, has_inner_loop, resolve_device
+from maml_cli.build import build_algorithm, build_model, check_non_transductive, has_inner_loop, resolve_device, scores_transductively
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import ImageInputs, Inputs
 from maml_cli.data.registry import registered_dataset_by_target
@@ -115,7 +115,7 @@ class Learner:
         # with the support set, the LSTM's embedding each image on its own).
         self.queries_normalised_together = self.algorithm.network == "classifier" and bool(self.model.mixes_examples)
         # How the run scored its queries (maml-train transductive=): what prediction does unless told otherwise.
-        self.transductive = bool(config.get("transductive", True))
+        self.transductive = scores_transductively(config)
 
     @property
     def name(self) -> str:

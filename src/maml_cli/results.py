@@ -42,7 +42,7 @@ from tensorboard.plugins.hparams.metadata import SESSION_START_INFO_TAG
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from tensorboard.util import tensor_util
 
-from maml_cli.build import INNER_LOOP_KEYS, MACHINE_KEYS, flatten, has_inner_loop
+from maml_cli.build import INNER_LOOP_KEYS, MACHINE_KEYS, flatten, has_inner_loop, scores_transductively
 from maml_cli.loop import duration, strict_json
 from maml_cli.tasks import TASK_KINDS
 
@@ -312,8 +312,8 @@ def read_config(run_dir: Path) -> tuple[dict[str, ConfigValue], str | None]:
         return {}, f"config.yaml is unreadable ({str(err).splitlines()[0]})"
     if not isinstance(loaded, dict):
         return {}, "config.yaml does not hold a config"
-    # A run from before the key scored transductively: it compares equal to a run that says so.
-    config = {"transductive": True, **flatten(loaded)}
+    config = flatten(loaded)
+    config["transductive"] = scores_transductively(config)  # a run from before the key compares equal to one that says so
     algo = loaded.get("algo")
     if isinstance(algo, dict) and isinstance(algo.get("_target_"), str) and not has_inner_loop(OmegaConf.create({"algo": algo})):
         config = {k: v for k, v in config.items() if k.removeprefix("algo.") not in INNER_LOOP_KEYS}
@@ -435,7 +435,7 @@ def read_test(scalars: dict[str, list[Point]], metric: str | None, config: dict[
         return {step: Estimate(v, cis.get(step, math.nan)) for step, v in sorted(values.items())}
 
     episodes = (TestEpisodes(*(number(config.get(k)) for k in ("test_tasks", "way", "shot", "query")),
-                             transductive=config.get("transductive", True) is not False) if config else None)
+                             transductive=scores_transductively(config)) if config else None)
     return TestResult(Estimate(final[-1].value, final_ci.get(final[-1].step, math.nan)), estimates("by_inner_step"),
                       list(estimates("by_presentation").values()), episodes)
 
@@ -848,7 +848,7 @@ def curves_text(run: Run, every: int = 1) -> str:
     metric = run.metric or "metric"
     shape = f"{show_value(run.config.get('way'))}-way {show_value(run.config.get('shot'))}-shot, query {show_value(run.config.get('query'))}"
     planned = f"{run.planned_iterations:,}" if run.planned_iterations is not None else "?"
-    scoring = "" if run.config.get("transductive", True) is not False else " (non-transductive)"
+    scoring = "" if scores_transductively(run.config) else " (non-transductive)"
     lines = [f"run: `{run.path}`; {run.algo} on {run.dataset}, split: {run.split or 'n/a'}; {shape}, iterations {planned}; {run.state}", "",
              f"| iteration | meta-train {metric} (batch) | meta-val {metric}{scoring} | 95% CI |", "|---:|---:|---:|---:|"]
     curve = run.validation.curve
