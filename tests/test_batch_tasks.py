@@ -191,6 +191,8 @@ def test_maml_eval_scores_the_same_with_and_without_batch_tasks_and_refuses_it_f
                                   "progress=false", f"hydra.run.dir={tmp_path / 'mamlpp'}"], cwd=tmp_path)
     refused = run_in_process("maml-eval", [f"checkpoint={tmp_path / 'mamlpp'}", "batch_tasks=true"], cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "batch_tasks does not apply to MAMLPlusPlus" in refused.stderr, refused.stderr
+    offering = refused.stderr.partition("(only ")[2].partition(" do)")[0].split(", ")  # from the registry, not a list here
+    assert "MAML" in offering and "MAMLPlusPlus" not in offering, refused.stderr
 
 
 def test_the_log_says_whether_the_tasks_were_computed_together_as_settled_for_the_device(tmp_path):

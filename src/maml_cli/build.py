@@ -315,7 +315,16 @@ def batch_tasks_in_use(cfg: DictConfig, device: torch.device | None) -> bool | N
 def offers_batch_tasks(cfg: DictConfig) -> bool:
     """Whether the algorithm of ``cfg.algo`` has ``batch_tasks`` in its schema (its saved config may predate the key)."""
     entry = registered_by_target(cfg.algo._target_)
-    return entry is not None and "batch_tasks" in {field.name for field in dataclasses.fields(entry.schema)}
+    return entry is not None and _has_batch_tasks(entry.schema)
+
+
+def _has_batch_tasks(schema: type) -> bool:
+    return "batch_tasks" in {field.name for field in dataclasses.fields(schema)}
+
+
+def batch_tasks_algorithms() -> list[str]:
+    """The class names of the algorithms that offer ``batch_tasks`` (for messages)."""
+    return sorted(entry.algorithm.__name__ for entry in registered_algorithms().values() if _has_batch_tasks(entry.schema))
 
 
 def default_batch_tasks(device: torch.device | None) -> bool:

@@ -53,7 +53,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from maml_cli.algorithms.base import one_query_at_a_time
-from maml_cli.build import (build_algorithm, build_tasks, has_inner_loop, offers_batch_tasks, resolve_device, scores_transductively,
+from maml_cli.build import (batch_tasks_algorithms, build_algorithm, build_tasks, has_inner_loop, offers_batch_tasks, resolve_device, scores_transductively,
                              seed_problem)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import class_split_changes, class_split_record
@@ -150,7 +150,7 @@ def run_eval(args: EvalConfig) -> dict:
     if args.batch_tasks is not None:
         if not offers_batch_tasks(cfg):
             raise UserError(f"batch_tasks does not apply to {cfg.algo._target_.rsplit('.', 1)[-1]}, which does not compute tasks "
-                            f"together (MAML, ANIL and Meta-SGD do); leave it out.")
+                            f"together (only {', '.join(batch_tasks_algorithms())} do); leave it out.")
         if args.batch_tasks and not args.transductive:
             raise UserError(f"transductive=false{'' if typed_transductive else ' (the run was trained with it)'} computes each task "
                             f"on its own (each query with its support set), whatever batch_tasks says: leave batch_tasks out"

@@ -43,7 +43,7 @@ class _AlgorithmCommon(Protocol):
         grad_clip: the meta-training loop clips the meta-gradient's norm to this; ``None``: no clipping.
         inner_loop: True when the algorithm adapts to a task by inner optimisation steps: the top-level
             ``inner_lr``, ``inner_steps`` and ``test_inner_steps`` apply to it (its schema derives from
-            :class:`~maml_cli.algorithms.schema.InnerLoopConfig`), and so does ``score_every`` (which steps
+            :class:`~maml_cli.algorithms.registry.InnerLoopConfig`), and so does ``score_every`` (which steps
             evaluation scores); typing them for an algorithm without one is refused.
         outer_lr_schedule: the outer learning rate the algorithm's own recipe prescribes,
             ``schedule(base_lr, iteration, iterations) -> lr`` (Reptile's linear annealing, MAML++'s cosine);
