@@ -82,7 +82,8 @@ from maml_cli.tasks import Episode, classification_objective
 TWO_AT_ONCE = "maml-cli:tasks_at_once=2"
 ONE_PER_CALL = "maml-cli:episodes_per_call=1"
 BATCHED = "maml-cli:batch_tasks=true"
-IMPLS = ("maml-cli", TWO_AT_ONCE, ONE_PER_CALL, BATCHED, "loop", "higher", "learn2learn", "fwd+bwd")
+BODY_PER_STEP = "loop:body_per_step"
+IMPLS = ("maml-cli", TWO_AT_ONCE, ONE_PER_CALL, BATCHED, "loop", BODY_PER_STEP, "higher", "learn2learn", "fwd+bwd")
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,25 @@ def loop_anil(setting: Setting) -> Callable:
     return step
 
 
+def step_body_per_step(setting: Setting) -> Callable:
+    """ANIL without its reuse: the head adapted as in :func:`loop_anil`, but every inner step and the query pass run the
+    whole network (the body unchanged), as MAML's loop does with the body's update left out. The same meta-gradient, so
+    its time against the loop's is what computing the body's features once per task saves."""
+    if setting.algo != "anil":
+        raise Skip("ANIL only")
+
+    def step(model, episodes):
+        params = dict(model.named_parameters())
+        for e in episodes:
+            head = {n: p for n, p in params.items() if n.startswith("head.")}
+            for _ in range(setting.inner_steps):
+                support_loss = F.cross_entropy(functional_call(model, {**params, **head}, (e.support_x,)), e.support_y)
+                grads = torch.autograd.grad(support_loss, list(head.values()), create_graph=not setting.first_order)
+                head = {n: p - setting.inner_lr * g for (n, p), g in zip(head.items(), grads)}
+            (F.cross_entropy(functional_call(model, {**params, **head}, (e.query_x,)), e.query_y) / len(episodes)).backward()
+    return step
+
+
 def loop_metasgd(setting: Setting) -> Callable:
     """Every element's own rate, read from the network's ``inner_lrs``."""
     def step(model, episodes):
@@ -460,7 +480,7 @@ def step_fwd_bwd(setting: Setting) -> Callable:
     return step
 
 
-MAKERS = {"maml-cli": step_maml_cli, TWO_AT_ONCE: step_maml_cli_two_at_once, ONE_PER_CALL: step_maml_cli_one_per_call, BATCHED: step_maml_cli_batched, "loop": step_loop, "higher": step_higher, "learn2learn": step_learn2learn, "fwd+bwd": step_fwd_bwd}
+MAKERS = {"maml-cli": step_maml_cli, TWO_AT_ONCE: step_maml_cli_two_at_once, ONE_PER_CALL: step_maml_cli_one_per_call, BATCHED: step_maml_cli_batched, "loop": step_loop, BODY_PER_STEP: step_body_per_step, "higher": step_higher, "learn2learn": step_learn2learn, "fwd+bwd": step_fwd_bwd}
 
 
 # -- measuring ---------------------------------------------------------------------------------

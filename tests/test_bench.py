@@ -38,6 +38,17 @@ def test_maml_cli_meta_gradient_equals_the_plain_loop_in_float64(bench, setting,
     assert float((ours - reference).norm() / reference.norm()) < (tiny.grad_tolerance or 1e-12)
 
 
+@pytest.mark.parametrize("setting", ["anil_a", "anil_b"])
+def test_anil_with_the_body_run_at_every_step_has_anils_meta_gradient(bench, setting):
+    # The bench's measure of what ANIL's reuse of the body's features saves is only fair if it computes the same thing.
+    tiny = bench.QUICK[setting]
+    reference = bench.meta_gradient(tiny, "loop", torch.device("cpu"), None)
+    recomputed = bench.meta_gradient(tiny, bench.BODY_PER_STEP, torch.device("cpu"), None)
+    assert float((recomputed - reference).norm() / reference.norm()) < 1e-12
+    with pytest.raises(bench.Skip):
+        bench.MAKERS[bench.BODY_PER_STEP](bench.QUICK["a"])
+
+
 def test_the_reptile_check_catches_an_inner_adam_with_momentum(bench):
     # The looser bound for Reptile still fails an inner optimizer that is not the paper's (beta1 = 0.9 instead of 0).
     tiny = bench.QUICK["reptile_5w"]
