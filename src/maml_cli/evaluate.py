@@ -53,8 +53,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from maml_cli.algorithms.base import one_query_at_a_time
-from maml_cli.build import (batch_tasks_algorithms, build_algorithm, build_tasks, has_inner_loop, offers_batch_tasks, resolve_device, scores_transductively,
-                             seed_problem)
+from maml_cli.build import (batch_tasks_algorithms, build_algorithm, build_tasks, has_inner_loop, offers_batch_tasks, resolve_device,
+                             scores_transductively, seed_problem)
 from maml_cli.checkpoint import load_checkpoint
 from maml_cli.data.base import class_split_changes, class_split_record
 from maml_cli.data.task_folders import TaskFiles, read_task_folders
