@@ -309,16 +309,22 @@ def step_body_per_step(setting: Setting) -> Callable:
     its time against the loop's is what computing the body's features once per task saves."""
     if setting.algo != "anil":
         raise Skip("ANIL only")
+    return whole_network_loop(setting, adapts=lambda name: name.startswith("head."))
 
+
+def whole_network_loop(setting: Setting, adapts: Callable[[str], bool] = lambda name: True) -> Callable:
+    """MAML's plain loop: every inner step and the query pass run the whole network through ``functional_call``, and
+    the parameters ``adapts`` names take the inner steps (all of them for MAML)."""
     def step(model, episodes):
         params = dict(model.named_parameters())
         for e in episodes:
-            head = {n: p for n, p in params.items() if n.startswith("head.")}
+            fast = {name: p for name, p in params.items() if adapts(name)}
             for _ in range(setting.inner_steps):
-                support_loss = F.cross_entropy(functional_call(model, {**params, **head}, (e.support_x,)), e.support_y)
-                grads = torch.autograd.grad(support_loss, list(head.values()), create_graph=not setting.first_order)
-                head = {n: p - setting.inner_lr * g for (n, p), g in zip(head.items(), grads)}
-            (F.cross_entropy(functional_call(model, {**params, **head}, (e.query_x,)), e.query_y) / len(episodes)).backward()
+                support_loss = F.cross_entropy(functional_call(model, {**params, **fast}, (e.support_x,)), e.support_y)
+                grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not setting.first_order)
+                fast = {name: p - setting.inner_lr * g for (name, p), g in zip(fast.items(), grads)}
+            query_loss = F.cross_entropy(functional_call(model, {**params, **fast}, (e.query_x,)), e.query_y)
+            (query_loss / len(episodes)).backward()
     return step
 
 
@@ -391,17 +397,8 @@ def step_loop(setting: Setting) -> Callable:
     if setting.algo in LOOPS:
         return LOOPS[setting.algo](setting)
     if setting.algo == "maml":
-        def step(model, episodes):
-            params = dict(model.named_parameters())
-            for e in episodes:
-                fast = params
-                for _ in range(setting.inner_steps):
-                    support_loss = F.cross_entropy(functional_call(model, fast, (e.support_x,)), e.support_y)
-                    grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not setting.first_order)
-                    fast = {name: p - setting.inner_lr * g for (name, p), g in zip(fast.items(), grads)}
-                query_loss = F.cross_entropy(functional_call(model, fast, (e.query_x,)), e.query_y)
-                (query_loss / len(episodes)).backward()
-    elif setting.algo == "protonet":
+        return whole_network_loop(setting)
+    if setting.algo == "protonet":
         def step(model, episodes):
             for e in episodes:
                 embeddings = model(torch.cat([e.support_x, e.query_x]))
